@@ -1,0 +1,43 @@
+# elise: make help
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MOSHI := moshi==0.2.13
+export PYTHONHASHSEED := 0
+
+.PHONY: help install demo test test-full lint bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# moshi pins torch<2.10; its real runtime needs are pinned in pyproject.toml.
+	$(BIN)/pip install -q --no-deps $(MOSHI)
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install elise (idempotent)
+
+demo: install  ## train a tiny model on the bundled clips, then synthesize a wav
+	$(BIN)/python -m elise.demo
+
+test: install  ## fast test tier (CPU, offline)
+	$(BIN)/python -m pytest -q -x tests
+
+test-full: install  ## every test, slow tier included
+	$(BIN)/python -m pytest -q -m "" tests
+
+lint: install  ## ruff + mypy
+	$(BIN)/ruff check elise tests train.py synthesize.py
+	$(BIN)/ruff format --check elise tests train.py synthesize.py
+	$(BIN)/mypy elise
+
+bench: install  ## speed figures (see BENCHMARKS.md)
+	$(BIN)/python -m elise.bench
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .cache outputs multirun

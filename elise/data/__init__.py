@@ -1,0 +1,1 @@
+"""Data: sources, audio decoding, the code cache, batching."""

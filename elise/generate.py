@@ -1,0 +1,159 @@
+"""Frame-by-frame generation with KV caches (backbone across frames, decoder reset per frame).
+
+Sampling never emits ids >= 2048 (the spare audio ids are not Mimi codes); ``top_k=1`` (or
+``temperature=0``) is greedy. Generation stops when every item has produced the all-zero EOS frame
+or at ``max_frames``. Batched prompts of different lengths are left-padded and masked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from elise.layout import CODEBOOK_SIZE, EOS_CODE, NUM_CODEBOOKS, ROW_WIDTH
+from elise.model.csm import CSM
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.9
+    top_k: int = 50
+
+
+def sample_logits(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """logits [B, V] -> ids [B], restricted to real codes (< 2048)."""
+    logits = logits[:, :CODEBOOK_SIZE].float()  # [B, 2048]: drop the spare ids
+    if cfg.top_k == 1 or cfg.temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Left-pad (tokens [n, 33], mask [n, 33]) prompts -> tokens, mask [B, S, 33], pad counts [B]."""
+    length = max(t.shape[0] for t, _ in prompts)
+    tokens = torch.zeros(len(prompts), length, ROW_WIDTH, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, ROW_WIDTH, dtype=torch.bool)
+    pads = torch.tensor([length - t.shape[0] for t, _ in prompts])
+    for i, (t, m) in enumerate(prompts):
+        tokens[i, length - t.shape[0] :] = t
+        mask[i, length - t.shape[0] :] = m
+    return tokens, mask, pads
+
+
+class FrameGenerator:
+    """Holds the caches for one batch; ``prefill`` the prompt, then ``step`` once per frame."""
+
+    def __init__(self, model: CSM, batch_size: int, max_len: int, sampling: SamplingConfig, generator=None):
+        p = next(model.parameters())
+        self.model, self.sampling, self.generator = model, sampling, generator
+        self.backbone_cache = model.backbone.make_cache(batch_size, max_len, p.dtype, p.device)
+        self.decoder_cache = model.decoder.make_cache(batch_size, NUM_CODEBOOKS, p.dtype, p.device)
+        self.device = p.device
+        self.pads: Tensor | None = None
+        self.h: Tensor | None = None  # [B, Db] hidden state predicting the next frame
+
+    def _key_mask(self, s: int) -> Tensor | None:
+        """Bool [B, 1, s, keys] hiding left padding (None when there is none)."""
+        if self.pads is None or not bool(self.pads.any()):
+            return None
+        start, keys = self.backbone_cache.pos, self.backbone_cache.pos + s
+        k = torch.arange(keys, device=self.device)
+        q = torch.arange(start, keys, device=self.device)
+        allowed = (k[None, :] <= q[:, None])[None] & (k[None, None, :] >= self.pads[:, None, None])  # [B, s, keys]
+        # a fully padded query row would attend nothing (NaN): let it see itself
+        allowed |= (k[None, :] == q[:, None])[None]
+        return allowed.unsqueeze(1)
+
+    def _positions(self, s: int) -> Tensor | None:
+        if self.pads is None or not bool(self.pads.any()):
+            return None
+        pos = torch.arange(self.backbone_cache.pos, self.backbone_cache.pos + s, device=self.device)
+        return (pos[None, :] - self.pads[:, None]).clamp(min=0)  # [B, s]
+
+    def prefill(self, tokens: Tensor, mask: Tensor, pads: Tensor | None = None) -> None:
+        """Run the prompt rows [B, S, 33] (left-padded by ``pads`` [B]) through the backbone."""
+        self.pads = None if pads is None else pads.to(self.device)
+        s = tokens.shape[1]
+        h = self.model.backbone(
+            self.model.embed_rows(tokens, mask), self._positions(s), self.backbone_cache, self._key_mask(s)
+        )
+        self.h = h[:, -1]
+
+    def decode_frame(self, h: Tensor) -> Tensor:
+        """Codebook 0 from the backbone head, then 1..31 from the depth decoder. h [B, Db] -> codes [B, 32]."""
+        m, cache = self.model, self.decoder_cache
+        c0 = sample_logits(m.codebook0_head(h), self.sampling, self.generator)  # [B]
+        cache.reset()
+        x = torch.stack([h, m.audio_embeddings(c0)], dim=1)  # [B, 2, Db] (codebook 0 offset is 0)
+        out = m.decoder(m.projection(x), cache=cache)[:, -1]  # [B, Dd]
+        codes = [c0]
+        for k in range(1, NUM_CODEBOOKS):
+            c = sample_logits(out @ m.audio_head[k - 1], self.sampling, self.generator)  # [B]
+            codes.append(c)
+            if k < NUM_CODEBOOKS - 1:
+                e = m.audio_embeddings(c + m.audio_offsets[k])  # [B, Db]
+                out = m.decoder(m.projection(e[:, None]), cache=cache)[:, -1]
+        return torch.stack(codes, dim=1)
+
+    def advance(self, codes: Tensor) -> None:
+        """Feed a generated frame [B, 32] back into the backbone."""
+        b = codes.shape[0]
+        tokens = torch.zeros(b, 1, ROW_WIDTH, dtype=torch.long, device=self.device)
+        mask = torch.zeros(b, 1, ROW_WIDTH, dtype=torch.bool, device=self.device)
+        tokens[:, 0, :NUM_CODEBOOKS] = codes
+        mask[:, 0, :NUM_CODEBOOKS] = True
+        h = self.model.backbone(self.model.embed_rows(tokens, mask), self._positions(1), self.backbone_cache, self._key_mask(1))
+        self.h = h[:, -1]
+
+
+@torch.inference_mode()
+def generate(
+    model: CSM,
+    tokens: Tensor,
+    mask: Tensor,
+    max_frames: int | Tensor,
+    sampling: SamplingConfig | None = None,
+    generator: torch.Generator | None = None,
+    pads: Tensor | None = None,
+    stop_on_eos: bool = True,
+    on_frame: Callable[[Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Generate audio frames after a prompt.
+
+    Args:
+        tokens, mask: prompt rows [B, S, 33] (left-padded by ``pads`` [B] when items differ in length).
+        max_frames: frame limit, an int or one per item [B].
+        on_frame: called with (codes [B, 32], finished [B] bool) after every frame (streaming).
+
+    Returns:
+        codes [B, 32, F] and the number of frames of each item before its EOS frame [B].
+    """
+    sampling = sampling or SamplingConfig()
+    b = tokens.shape[0]
+    limits = torch.as_tensor(max_frames).expand(b).clone()
+    total = int(limits.max())
+    gen = FrameGenerator(model, b, tokens.shape[1] + total, sampling, generator)
+    gen.prefill(tokens.to(gen.device), mask.to(gen.device), pads)
+    lengths = torch.full((b,), -1, dtype=torch.long)
+    frames = []
+    for f in range(total):
+        codes = gen.decode_frame(gen.h)  # [B, 32]
+        frames.append(codes.cpu())
+        eos = (codes == EOS_CODE).all(-1).cpu() if stop_on_eos else torch.zeros(b, dtype=torch.bool)
+        newly = (lengths < 0) & (eos | (f + 1 >= limits))
+        lengths[newly & eos] = f
+        lengths[newly & ~eos] = f + 1
+        if on_frame is not None:
+            on_frame(codes, lengths >= 0)
+        if bool((lengths >= 0).all()):
+            break
+        gen.advance(codes)
+    return torch.stack(frames, dim=2), lengths
