@@ -1,0 +1,167 @@
+"""LightningDataModule: prepare (encode + cache) once, then token-budget batches of cached codes.
+
+Lightning wiring (checked against lightning 2.6):
+- ``prepare_data`` runs on local rank 0 only, then every rank runs ``setup``, which calls
+  ``prepare`` again: by then every clip is a cache hit, so it only re-reads metadata.
+- The training sampler is already rank-aware: train with ``Trainer(use_distributed_sampler=False)``,
+  or Lightning would try to re-instantiate the DataLoader around a DistributedSampler.
+- Lightning's fit loop calls ``set_epoch`` on ``dataloader.batch_sampler.sampler`` at each epoch
+  start; ``TokenBudgetBatchSampler.sampler`` is the sampler itself for that reason.
+- ``state_dict`` is saved in every checkpoint under this class's name and ``load_state_dict`` is
+  called on resume before ``train_dataloader``; the saved position is the number of batches the
+  fit loop has finished, not what the sampler handed out (DataLoader workers prefetch ahead).
+  Lightning still warns that the DataLoader "is not resumable" (it only looks for a stateful
+  DataLoader); the resume is exact anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from elise.data.collate import collate
+from elise.data.dataset import CodesDataset
+from elise.data.items import PreparedData
+from elise.data.sampler import TokenBudgetBatchSampler
+from elise.text import build_tokenizer
+
+
+def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
+    value = cfg.get(key, default) if cfg is not None else default
+    return default if value is None else value
+
+
+class EliseDataModule(pl.LightningDataModule):
+    """Train/val dataloaders over prepared examples.
+
+    Args:
+        data_cfg: the ``data`` config (dict or DictConfig): source keys for ``prepare`` plus
+            ``max_tokens`` (5000), ``max_samples`` (16), ``bucket_size`` (None: 32 * max_samples),
+            ``num_workers`` (0), ``pin_memory`` (None: when CUDA is available), ``strict`` (False).
+        codec_cfg: keyword arguments of ``elise.codec.build_codec`` (``name`` included).
+        tokenizer_spec: ``"bytes"`` or a tokenizer.json path (``elise.text.build_tokenizer``).
+        seed: seed of the batch order (epoch ``e`` uses ``seed + e``).
+    """
+
+    def __init__(
+        self,
+        data_cfg: Mapping[str, Any] | Any,
+        codec_cfg: Mapping[str, Any] | Any,
+        tokenizer_spec: str = "bytes",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.data_cfg, self.codec_cfg, self.seed = data_cfg, codec_cfg, int(seed)
+        self.tokenizer = build_tokenizer(tokenizer_spec)
+        self.max_tokens = int(_get(data_cfg, "max_tokens", 5000))
+        self.max_samples = int(_get(data_cfg, "max_samples", 16))
+        self.bucket_size = _get(data_cfg, "bucket_size", None)
+        self.num_workers = int(_get(data_cfg, "num_workers", 0))
+        self.pin_memory = bool(_get(data_cfg, "pin_memory", torch.cuda.is_available()))
+        self.prepared: PreparedData | None = None
+        self.train_set: CodesDataset | None = None
+        self.val_set: CodesDataset | None = None
+        self.train_sampler: TokenBudgetBatchSampler | None = None
+        self._pending_state: dict | None = None
+
+    # ---- preparation ---------------------------------------------------------------------
+
+    def _prepare(self, progress: bool) -> PreparedData:
+        from elise.codec import build_codec  # lazy: Mimi pulls in moshi
+        from elise.data.prepare import prepare
+
+        codec_kwargs = dict(self.codec_cfg.items()) if self.codec_cfg is not None else {}
+        codec = build_codec(**codec_kwargs)
+        strict = bool(_get(self.data_cfg, "strict", False))
+        return prepare(self.data_cfg, codec, self.tokenizer, strict=strict, progress=progress)
+
+    def prepare_data(self) -> None:
+        self._prepare(progress=True)  # encodes and caches; state set here would not reach other ranks
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prepared is None:
+            self.prepared = self._prepare(progress=False)  # cache hits only after prepare_data
+            self.train_set = CodesDataset(self.prepared.split("train"))
+            self.val_set = CodesDataset(self.prepared.split("val"))
+            if len(self.train_set) == 0 and stage in (None, "fit"):
+                raise ValueError(
+                    f"no training examples left after preparation; report: {self.prepared.report}"
+                )
+
+    @property
+    def report(self) -> dict:
+        """The preparation report (kept/skipped counts by reason), empty before ``setup``."""
+        return self.prepared.report if self.prepared is not None else {}
+
+    # ---- loaders -------------------------------------------------------------------------
+
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _sampler(self, dataset: CodesDataset, shuffle: bool) -> TokenBudgetBatchSampler:
+        replicas, rank = self._world()
+        return TokenBudgetBatchSampler(
+            dataset.lengths,
+            max_tokens=self.max_tokens,
+            max_samples=self.max_samples,
+            shuffle=shuffle,
+            seed=self.seed,
+            bucket_size=self.bucket_size,
+            num_replicas=replicas,
+            rank=rank,
+        )
+
+    def _loader(self, dataset: CodesDataset, sampler: TokenBudgetBatchSampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        sampler = self._sampler(self.train_set, shuffle=True)
+        if self.train_sampler is not None:  # a reloaded dataloader keeps its position
+            sampler.load_state_dict(self.train_sampler.state_dict())
+        if self._pending_state is not None:
+            sampler.load_state_dict(self._pending_state)
+            self._pending_state = None
+        self.train_sampler = sampler
+        return self._loader(self.train_set, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set, self._sampler(self.val_set, shuffle=False))
+
+    # ---- checkpoint state ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.train_sampler is None:
+            return dict(self._pending_state or {})
+        state = self.train_sampler.state_dict()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.state.fn == "fit":
+            # Batches the fit loop has trained on; the sampler itself may be ahead (prefetch).
+            state["epoch"] = int(trainer.fit_loop.epoch_progress.current.processed)
+            state["batches_yielded"] = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.train_sampler is not None:
+            self.train_sampler.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)

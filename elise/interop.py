@@ -1,0 +1,235 @@
+"""elise <-> transformers "csm" directories (``CsmForConditionalGeneration.save_pretrained`` layout).
+
+A directory holds ``config.json`` + ``model.safetensors`` (or a sharded index) + tokenizer files,
+as Marvis TTS and Sesame CSM are published. Loading ignores the codec weights in it; exporting
+writes the backbone/decoder/embedding/head weights under transformers' names so that
+``CsmForConditionalGeneration.from_pretrained`` finds every one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from elise.checkpoints import CheckpointError, Loaded
+from elise.model import CSM, CSMConfig, TransformerConfig, build_model
+from elise.text import ByteTokenizer, HFTokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+# (elise prefix, transformers prefix); block internals share names (layers.{i}.self_attn.q_proj ...)
+KEY_MAP = [
+    ("text_embeddings.", "embed_text_tokens."),
+    ("audio_embeddings.", "backbone_model.embed_tokens.embed_audio_tokens."),
+    ("backbone.", "backbone_model."),
+    ("codebook0_head.", "lm_head."),
+    ("projection.", "depth_decoder.model.inputs_embeds_projector."),
+    ("decoder.", "depth_decoder.model."),
+    ("audio_head", "depth_decoder.codebooks_head.weight"),
+]
+TIED_DECODER_EMBEDDINGS = "depth_decoder.model.embed_tokens.weight"
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def to_transformers_key(key: str) -> str:
+    for ours, theirs in KEY_MAP:
+        if key.startswith(ours):
+            return theirs + key[len(ours) :]
+    raise KeyError(key)
+
+
+def from_transformers_key(key: str) -> str | None:
+    """elise name of a transformers key; None for keys elise does not hold (codec, tied copies)."""
+    if key.startswith("codec_model."):
+        return None
+    if key == TIED_DECODER_EMBEDDINGS:  # saved instead of the (tied) backbone table by save_pretrained
+        return "audio_embeddings.weight"
+    for ours, theirs in sorted(KEY_MAP, key=lambda kv: -len(kv[1])):  # longest prefix first
+        if key.startswith(theirs):
+            return ours + key[len(theirs) :]
+    return None
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, float] | None]:
+    """(theta, llama3 scaling) from either transformers 5 ``rope_parameters`` or 4.x ``rope_theta``/``rope_scaling``."""
+    params = cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 500_000.0)))
+    scaling = cfg.get("rope_scaling") or (params if params.get("rope_type") == "llama3" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        return theta, {k: float(scaling[k]) for k in LLAMA3_KEYS}
+    return theta, None
+
+
+def _stack(cfg: dict[str, Any]) -> TransformerConfig:
+    theta, scaling = _rope(cfg)
+    heads = cfg["num_attention_heads"]
+    return TransformerConfig(
+        num_layers=cfg["num_hidden_layers"],
+        dim=cfg["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        mlp_hidden=cfg["intermediate_size"],
+        max_seq_len=cfg["max_position_embeddings"],
+        norm_eps=cfg.get("rms_norm_eps", 1e-5),
+        rope_base=theta,
+        rope_scaling=scaling,
+    )
+
+
+def config_from_transformers(cfg: dict[str, Any]) -> CSMConfig:
+    if cfg.get("model_type") != "csm":
+        raise CheckpointError(f"config.json has model_type {cfg.get('model_type')!r}, expected 'csm'")
+    return CSMConfig(
+        backbone=_stack(cfg),
+        decoder=_stack(cfg["depth_decoder_config"]),
+        text_vocab_size=cfg["text_vocab_size"],
+        audio_vocab_size=cfg.get("vocab_size", 2051),
+        num_codebooks=cfg.get("num_codebooks", 32),
+    )
+
+
+def _stack_to_transformers(t: TransformerConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": t.rope_base}
+    if t.rope_scaling:
+        rope = {"rope_type": "llama3", "rope_theta": t.rope_base, **t.rope_scaling}
+    return {
+        "num_hidden_layers": t.num_layers,
+        "hidden_size": t.dim,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "head_dim": t.head_dim,
+        "intermediate_size": t.mlp_hidden,
+        "max_position_embeddings": t.max_seq_len,
+        "rms_norm_eps": t.norm_eps,
+        "rope_parameters": rope,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+
+
+def config_to_transformers(cfg: CSMConfig, tokenizer: Tokenizer | None = None, codec_config=None) -> dict[str, Any]:
+    """A ``CsmConfig`` dict for ``cfg`` (via transformers when installed, so defaults are filled in)."""
+    from transformers import CsmConfig
+
+    bos = getattr(tokenizer, "bos_id", None)
+    backbone = _stack_to_transformers(cfg.backbone)
+    decoder = {
+        **_stack_to_transformers(cfg.decoder),
+        "num_codebooks": cfg.num_codebooks,
+        "backbone_hidden_size": cfg.backbone.dim,
+        "vocab_size": cfg.audio_vocab_size,
+    }
+    kwargs: dict[str, Any] = dict(
+        **backbone,
+        num_codebooks=cfg.num_codebooks,
+        vocab_size=cfg.audio_vocab_size,
+        text_vocab_size=cfg.text_vocab_size,
+        depth_decoder_config=decoder,
+        tie_codebooks_embeddings=True,
+    )
+    if codec_config is not None:
+        kwargs["codec_config"] = codec_config
+    if bos is not None:
+        kwargs["bos_token_id"] = bos
+    out = CsmConfig(**kwargs).to_dict()
+    out["architectures"] = ["CsmForConditionalGeneration"]
+    return out
+
+
+# ---- weights --------------------------------------------------------------------------------------
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(single)
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for f in files:
+                state.update(load_file(path / f))
+            return state
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise CheckpointError(f"unreadable weights in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    raise CheckpointError(f"{path} has config.json but no model.safetensors (or index)")
+
+
+def load_transformers_dir(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
+    """Load a transformers "csm" directory into elise (codec weights ignored)."""
+    path = Path(path)
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"unreadable {path / 'config.json'}: {e}") from e
+    cfg = config_from_transformers(raw)
+    model = build_model(cfg)
+    state = {}
+    for key, value in _read_weights(path).items():
+        ours = from_transformers_key(key)
+        if ours is not None:
+            state[ours] = value.float()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if (path / "tokenizer.json").is_file():
+        tokenizer: Tokenizer = HFTokenizer(path / "tokenizer.json")
+    else:
+        log.warning("%s has no tokenizer.json: using the byte-level tokenizer", path)
+        tokenizer = ByteTokenizer()
+    return Loaded(model.to(map_location).eval(), tokenizer, "transformers", {"config": raw, "path": str(path)})
+
+
+def export_transformers_dir(
+    model: CSM, tokenizer: Tokenizer, out: str | Path, codec_config: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` as a transformers "csm" directory (config.json, model.safetensors, tokenizer.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {to_transformers_key(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state[TIED_DECODER_EMBEDDINGS] = state["backbone_model.embed_tokens.embed_audio_tokens.weight"].clone()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = config_to_transformers(model.cfg, tokenizer, codec_config)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tok_json = tokenizer.json if isinstance(tokenizer, HFTokenizer) else byte_tokenizer_json()
+    (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+    return out
+
+
+def byte_tokenizer_json() -> str:
+    """The byte-level tokenizer as an HF ``tokenizer.json`` (same ids: 1 BOS, 2 EOS, byte b -> b + 3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()
+    byte_to_char = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}
+    assert set(byte_to_char.values()) == set(alphabet)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{byte_to_char[b]: b + ByteTokenizer.offset for b in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    return tok.to_str()
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's byte -> printable character map (what ByteLevel pre-tokenization produces)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs, strict=True))
+    return [chr(table[b]) for b in range(256)]
