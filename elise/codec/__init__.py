@@ -1,0 +1,43 @@
+"""Audio codecs behind one interface (``elise.codec.base.Codec``), built by name from the ``codec=`` config.
+
+- ``tiny``: a small seeded random codec of Mimi's shapes, for tests and demos (fast on CPU).
+- ``mimi_random``: Kyutai's real Mimi architecture with seeded random weights (its audio is noise).
+- ``mimi``: the real Mimi weights, from a local file or the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from elise.codec.base import Codec
+
+
+class CodecUnavailable(RuntimeError):
+    """The codec's weights cannot be had (offline, no access, missing or corrupt file)."""
+
+
+CODECS = ("tiny", "mimi", "mimi_random")
+
+
+def build_codec(name: str, **kwargs: Any) -> Codec:
+    """Build a codec from its config group: ``build_codec(**OmegaConf.to_container(cfg.codec))``.
+
+    Moshi is imported only for the Mimi codecs, so ``tiny`` stays light.
+    """
+    if name == "tiny":
+        from elise.codec.tiny import TinyCodec as factory
+    elif name == "mimi":
+        from elise.codec.mimi import build_mimi as factory
+    elif name == "mimi_random":
+        from elise.codec.mimi import build_mimi_random as factory
+    else:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
+    allowed = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"codec {name!r}: unknown option(s) {unknown}; known: {sorted(allowed)}")
+    return factory(**kwargs)
+
+
+__all__ = ["CODECS", "Codec", "CodecUnavailable", "build_codec"]

@@ -1,0 +1,222 @@
+"""Kyutai's Mimi codec (from ``moshi``) behind elise's ``Codec`` interface.
+
+``build_mimi`` loads the real weights (a local file or the Hugging Face hub); ``build_mimi_random``
+builds the same architecture with seeded random weights, so the whole pipeline runs offline (its
+audio is noise). Both run in fp32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from elise.codec import CodecUnavailable
+from elise.codec.base import Codec
+from elise.codec.common import check_codes, check_wav, frames_from_lengths, pad_to_frames
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, weights hashed once
+_WARNED_RANDOM = False
+RANDOM_INIT_VERSION = 1  # bump when random_mimi's recipe changes
+
+
+class MimiCodec(Codec):
+    """Wraps a ``moshi.models.compression.MimiModel``: fp32, eval mode, no grad, batched encode."""
+
+    def __init__(
+        self, model: torch.nn.Module, identity: str, batch_size: int = 8, random_weights: bool = False
+    ):
+        super().__init__()
+        self.model = model.float().eval()
+        self.num_codebooks = int(model.num_codebooks)
+        self.batch_size = max(1, int(batch_size))
+        self.random_weights = random_weights
+        self._identity = identity
+
+    @property
+    def identity(self) -> str:
+        return self._identity
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, wav: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        check_wav(wav)
+        b, _, n = wav.shape
+        frames = frames_from_lengths(lengths, b, n, self.samples_per_frame)  # [B]
+        x = pad_to_frames(wav, self.samples_per_frame)  # [B, 1, T * 1920]
+        t = x.shape[-1] // self.samples_per_frame
+        if t == 0:  # moshi's convolutions reject empty input
+            empty = torch.zeros(b, self.num_codebooks, 0, dtype=torch.long)  # [B, K, 0]
+            return empty.to(wav.device), frames.to(wav.device)
+        chunks = [
+            self.model.encode(x[i : i + self.batch_size].to(self.device, torch.float32))  # [b, K, T]
+            for i in range(0, b, self.batch_size)
+        ]
+        codes = torch.cat(chunks).long()  # [B, K, T]
+        return codes.to(wav.device), frames.to(wav.device)
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        check_codes(codes, self.num_codebooks, self.cardinality)
+        return self.model.decode(codes.to(self.device)).to(codes.device)  # [B, 1, T * 1920]
+
+    @contextmanager
+    def streaming_decoder(self, batch_size: int = 1) -> Iterator[Callable[[Tensor], Tensor]]:
+        """Yields ``step(codes [B, K, t]) -> wav [B, 1, t * 1920]`` using moshi's stateful streaming decode."""
+
+        def step(codes: Tensor) -> Tensor:
+            check_codes(codes, self.num_codebooks, self.cardinality)
+            if codes.shape[0] != batch_size:
+                raise ValueError(f"streaming decoder opened for batch {batch_size}, got {codes.shape[0]}")
+            return self.model.decode(codes.to(self.device)).to(codes.device)  # [B, 1, t * 1920]
+
+        with torch.no_grad(), self.model.streaming(batch_size):
+            yield step
+
+
+def build_mimi(
+    weights: str | None = None,
+    repo: str = DEFAULT_REPO,
+    num_codebooks: int = 32,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> MimiCodec:
+    """Mimi with its real weights: ``weights`` (a local .safetensors file) or, when None, the hub file.
+
+    Raises:
+        CodecUnavailable: the weights cannot be fetched or loaded (one-line message saying what to do).
+    """
+    from moshi.models import loaders
+
+    num_codebooks = _check_nq(num_codebooks)
+    path = Path(weights).expanduser() if weights else _hub_file(repo, loaders.MIMI_NAME)
+    if not path.is_file():
+        raise CodecUnavailable(
+            f"Mimi weights file {path} does not exist; pass codec.weights=<file> or use codec=mimi_random"
+        )
+    try:  # read the header first: a bad file fails here, before the ~1 s model construction
+        if path.suffix in {".safetensors", ".sft", ".sfts"}:  # moshi also takes a torch .pt package
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        model = loaders.get_mimi(path, device=device, num_codebooks=num_codebooks)
+    except Exception as err:  # corrupt file, wrong keys or shapes: all mean "these are not Mimi weights"
+        raise CodecUnavailable(
+            f"cannot load Mimi weights from {path} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); "
+            "pass codec.weights=<file> or use codec=mimi_random"
+        ) from err
+    identity = f"mimi(nq={num_codebooks},weights={path.name},sha256={file_sha256(path)[:16]})"
+    return MimiCodec(model, identity, batch_size=batch_size)
+
+
+def build_mimi_random(
+    seed: int = 0, num_codebooks: int = 32, batch_size: int = 8, device: str = "cpu"
+) -> MimiCodec:
+    """Mimi's real architecture with seeded random weights (deterministic across processes)."""
+    global _WARNED_RANDOM
+    if not _WARNED_RANDOM:
+        log.warning(
+            "codec=mimi_random: Mimi with RANDOM weights (seed %d); its decoded audio is NOISE. "
+            "Use codec=mimi for real speech.",
+            seed,
+        )
+        _WARNED_RANDOM = True
+    model = random_mimi(seed, _check_nq(num_codebooks), device)
+    # RANDOM_INIT_VERSION and moshi's version: a change of init recipe must not reuse cached codes
+    identity = f"mimi_random(v{RANDOM_INIT_VERSION},moshi={_moshi_version()},seed={seed},nq={num_codebooks})"
+    return MimiCodec(model, identity, batch_size, random_weights=True)
+
+
+def random_mimi(seed: int, num_codebooks: int = 32, device: str = "cpu") -> torch.nn.Module:
+    """A moshi ``MimiModel`` with seeded random weights and codebooks scaled so that codes vary.
+
+    Moshi's codebooks start at zero (EMA buffers filled by k-means in training), which would make every
+    code 0. Each level's codebook is drawn from N(mean, std^2) of that level's residual (per dimension)
+    on a seeded calibration signal, so every level splits its input among many entries.
+    """
+    from moshi.models import loaders
+    from moshi.quantization.core_vq import EuclideanCodebook
+
+    with torch.random.fork_rng(devices=[]):  # seed moshi's default init without touching global RNG
+        torch.manual_seed(seed)
+        model = loaders.get_mimi(None, device="cpu", num_codebooks=num_codebooks)
+    gen = torch.Generator().manual_seed(seed)
+    wav = 0.1 * torch.randn(2, 1, 12 * 1920, generator=gen)  # [2, 1, N] calibration noise
+    with torch.no_grad():
+        emb = model._encode_to_unquantized_latent(wav)  # [2, 512, 12]
+        for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
+            residual = rvq.input_proj(emb)  # [2, 256, 12]
+            for layer in rvq.vq.layers:
+                book: EuclideanCodebook = layer._codebook
+                r = layer.project_in(layer._rearrange_input(residual)).flatten(0, 1)  # [N, D]
+                noise = torch.randn(book.embedding_sum.shape, generator=gen)  # [2048, D]
+                book.embedding_sum.copy_(r.mean(0) + noise * r.std(0).clamp(min=1e-8))
+                book.cluster_usage.fill_(1.0)
+                book._initialized.fill_(1.0)
+                book.register_buffer("_embedding", None, persistent=False)  # drop the cached centroids
+                residual = residual - layer.decode(layer.encode(residual))  # [2, 256, 12]
+    return model.to(device).eval()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def _hub_file(repo: str, filename: str) -> Path:
+    """Path of ``filename`` from hub ``repo`` (downloaded or from the HF cache), or CodecUnavailable.
+
+    HF_HUB_CACHE and HF_HUB_OFFLINE are read here rather than at huggingface_hub's import, so a
+    process (or test) that sets them later is honoured.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").upper()
+    offline = constants.HF_HUB_OFFLINE or env in {"1", "ON", "YES", "TRUE"}
+    try:
+        return Path(
+            hf_hub_download(
+                repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline
+            )
+        )
+    except Exception as err:  # offline, 401/404, network errors: all mean "no weights from the hub"
+        raise CodecUnavailable(
+            f"cannot fetch Mimi weights {repo}/{filename} from the Hugging Face hub ({type(err).__name__}"
+            f"{', offline' if offline else ''}); pass codec.weights=<local .safetensors file> "
+            "or use codec=mimi_random (random weights, noise audio)"
+        ) from err
+
+
+def _moshi_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moshi")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _check_nq(num_codebooks: int) -> int:
+    if not 1 <= int(num_codebooks) <= 32:
+        raise ValueError(f"Mimi has 32 codebooks; num_codebooks must be in 1..32, got {num_codebooks}")
+    return int(num_codebooks)
