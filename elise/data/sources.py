@@ -1,0 +1,265 @@
+"""Data sources: each reads its metadata into a list of ``RawItem`` (id, text, speaker, audio).
+
+Audio is not decoded here: an item holds a file path, or a loader that returns encoded bytes
+(Hugging Face rows are read one at a time, so a large dataset is never held in memory).
+
+- ``elise``: a Hugging Face dataset (default ``Jinsaryko/Elise``; columns audio, text, optional
+  speaker) from the hub, or a local copy with ``data.path`` (parquet file(s)/folder or a
+  ``save_to_disk`` folder).
+- ``ljspeech``: ``data.root`` with ``metadata.csv`` (``id|text``, ``id|speaker|text`` or LJSpeech's
+  ``id|text|normalized_text``) and ``wavs/<id>.wav``.
+- ``manifest``: a JSONL file (``audio``, ``text``, optional ``speaker`` / ``id``), ``data.path``.
+- ``sample``: the clips bundled in ``elise/assets/sample`` (read as ``ljspeech``; works offline).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("elise", "ljspeech", "manifest", "sample")
+DEFAULT_HF_NAME = "Jinsaryko/Elise"
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+_SPEAKER_TOKEN = re.compile(r"^[\w.\-]{1,64}$")
+
+
+class DataUnavailable(RuntimeError):
+    """The dataset cannot be fetched (hub down, taken down, offline, no access)."""
+
+
+@dataclass
+class RawItem:
+    """One clip as a source lists it, before decoding.
+
+    ``audio`` is a file path or a zero-argument loader returning a path or encoded bytes.
+    ``error`` is set (reason, detail) when the source itself found the entry malformed.
+    """
+
+    id: str
+    text: str
+    speaker: str | None
+    audio: Path | Callable[[], Path | bytes] | None
+    error: tuple[str, str] | None = None
+
+
+def sample_root() -> Path:
+    """Folder of the bundled sample set (metadata.csv + wavs/)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "sample"
+
+
+def load_items(cfg: Mapping[str, Any]) -> list[RawItem]:
+    """Read the metadata of the source named by ``cfg["source"]`` (first ``max_items`` items).
+
+    Raises:
+        FileNotFoundError: a configured path/root does not exist.
+        DataUnavailable: the hub dataset cannot be fetched.
+        ValueError: unknown source or bad option.
+    """
+    source = cfg.get("source", "sample")
+    if source == "sample":
+        items = read_ljspeech(sample_root(), speaker_column=False)
+    elif source == "ljspeech":
+        items = read_ljspeech(_required(cfg, "root", source), cfg.get("speaker_column", "auto"))
+    elif source == "manifest":
+        items = read_manifest(_required(cfg, "path", source))
+    elif source == "elise":
+        items = read_hf(cfg.get("name") or DEFAULT_HF_NAME, cfg.get("path"), cfg.get("split") or "train")
+    else:
+        raise ValueError(f"unknown data.source {source!r}; choose one of {', '.join(SOURCES)}")
+    max_items = cfg.get("max_items")
+    return items if max_items is None else items[: int(max_items)]
+
+
+def speaker_map(names: list[str | None]) -> dict[str, int]:
+    """Speaker name -> int id. Integer names keep their value; otherwise sorted names get 0, 1, ...
+
+    Items without a speaker get 0 (``speaker_id``), so a one-speaker dataset is all speaker 0.
+    """
+    unique = sorted({n for n in names if n is not None})
+    if unique and all(n.isdigit() for n in unique):
+        return {n: int(n) for n in unique}
+    return {n: i for i, n in enumerate(unique)}
+
+
+def speaker_id(name: str | None, mapping: Mapping[str, int]) -> int:
+    return 0 if name is None else mapping[name]
+
+
+def _required(cfg: Mapping[str, Any], key: str, source: str) -> str:
+    value = cfg.get(key)
+    if not value:
+        raise ValueError(f"data.source={source} needs data.{key}=<...>")
+    return str(value)
+
+
+# --- ljspeech / sample -------------------------------------------------------------------------
+
+
+def read_ljspeech(root: str | Path, speaker_column: bool | str = "auto") -> list[RawItem]:
+    """``root/metadata.csv`` lines + ``root/wavs/<id>.<wav|flac|ogg|mp3>``.
+
+    With 3 columns, ``speaker_column`` says whether the 2nd is a speaker (``true``) or the text with
+    the 3rd its normalized form (``false``, LJSpeech's own layout; the normalized text is used);
+    ``auto`` treats it as a speaker when every 2nd column is a single token (no spaces).
+    """
+    root = Path(root).expanduser()
+    meta = root / "metadata.csv"
+    if not meta.is_file():
+        raise FileNotFoundError(f"no metadata.csv in data.root={root}")
+    # surrogateescape: an undecodable line becomes an untokenizable item, not a crash of the file
+    lines = meta.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    rows = [line.split("|") for line in lines if line.strip()]
+    use_speaker = _speaker_column(rows, speaker_column)
+    items = []
+    for n, cols in enumerate(rows, start=1):
+        item_id = cols[0].strip()
+        if len(cols) < 2 or not item_id:
+            items.append(RawItem(item_id or f"line{n}", "", None, None, ("bad_metadata", f"line {n}")))
+            continue
+        speaker = None
+        if len(cols) >= 3 and use_speaker:
+            speaker, text = cols[1].strip() or None, "|".join(cols[2:])
+        elif len(cols) >= 3:
+            text = cols[2] if cols[2].strip() else cols[1]
+        else:
+            text = cols[1]
+        items.append(RawItem(item_id, text.strip(), speaker, _find_audio(root / "wavs", item_id)))
+    return items
+
+
+def _speaker_column(rows: list[list[str]], option: bool | str) -> bool:
+    if isinstance(option, bool):
+        return option
+    option = str(option).lower()
+    if option in ("true", "false"):
+        return option == "true"
+    if option != "auto":
+        raise ValueError(f"data.speaker_column must be auto, true or false, got {option!r}")
+    three = [cols for cols in rows if len(cols) >= 3]
+    return bool(three) and all(_SPEAKER_TOKEN.match(cols[1].strip()) for cols in three)
+
+
+def _find_audio(folder: Path, item_id: str) -> Path:
+    for suffix in AUDIO_SUFFIXES:
+        path = folder / f"{item_id}{suffix}"
+        if path.is_file():
+            return path
+    return folder / f"{item_id}.wav"  # reported as missing_file
+
+
+# --- JSONL manifest -----------------------------------------------------------------------------
+
+
+def read_manifest(path: str | Path) -> list[RawItem]:
+    """JSONL lines ``{"audio": path, "text": ..., "speaker"?: ..., "id"?: ...}``.
+
+    Relative audio paths are relative to the manifest's folder. The id defaults to the audio path
+    without its suffix.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest not found: data.path={path}")
+    items = []
+    lines = path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("audio"), str):
+                raise ValueError("needs a string 'audio' field")
+        except ValueError as err:
+            items.append(RawItem(f"line{n}", "", None, None, ("bad_metadata", f"line {n}: {err}")))
+            continue
+        audio = Path(row["audio"]).expanduser()
+        item_id = str(row.get("id") or Path(row["audio"]).with_suffix("").as_posix())
+        speaker = None if row.get("speaker") is None else str(row["speaker"])
+        text = row.get("text")
+        text = text.strip() if isinstance(text, str) else ""
+        items.append(RawItem(item_id, text, speaker, audio if audio.is_absolute() else path.parent / audio))
+    return items
+
+
+# --- Hugging Face datasets ----------------------------------------------------------------------
+
+
+def read_hf(name: str, path: str | Path | None = None, split: str = "train") -> list[RawItem]:
+    """A Hugging Face dataset with columns audio, text and optional speaker/speaker_name/id.
+
+    ``path`` (a parquet file, a folder of parquet files or a ``save_to_disk`` folder) is read
+    instead of the hub. The audio column is cast to ``Audio(decode=False)`` and decoded by
+    ``elise.data.audio`` from its bytes (or its path when a row has no bytes).
+    """
+    from datasets import Audio
+
+    ds = _load_local(Path(path).expanduser(), split) if path else _load_hub(name, split)
+    missing = {"audio", "text"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"dataset {path or name} lacks column(s) {sorted(missing)}; has {ds.column_names}")
+    ds = ds.cast_column("audio", Audio(decode=False))
+    texts = ds["text"]
+    spk_col = next((c for c in ("speaker", "speaker_name", "speaker_id") if c in ds.column_names), None)
+    speakers = ds[spk_col] if spk_col else [None] * len(ds)
+    ids = [str(i) for i in ds["id"]] if "id" in ds.column_names else [f"{i:06d}" for i in range(len(ds))]
+    audio_col = ds.select_columns(["audio"])
+    return [
+        RawItem(
+            ids[i],
+            texts[i].strip() if isinstance(texts[i], str) else "",
+            None if speakers[i] is None else str(speakers[i]),
+            _row_loader(audio_col, i),
+        )
+        for i in range(len(ds))
+    ]
+
+
+def _row_loader(ds: Any, index: int) -> Callable[[], Path | bytes]:
+    def load() -> Path | bytes:
+        cell = ds[index]["audio"] or {}
+        if cell.get("bytes"):
+            return cell["bytes"]
+        if cell.get("path"):
+            return Path(cell["path"])
+        raise ValueError("row has neither audio bytes nor an audio path")
+
+    return load
+
+
+def _load_hub(name: str, split: str) -> Any:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(name, split=split)
+    except Exception as err:  # hub errors come as many types (HTTP, gated, not found, offline)
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise DataUnavailable(
+            f"cannot load dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {reason}); "
+            "the public copies of Elise were taken down in 2026 (hub 401, DMCA): point data.path= at a "
+            "local copy (parquet or save_to_disk), or use data=ljspeech data.root=<folder> "
+            "(e.g. keithito/lj_speech) or data=manifest data.path=<file.jsonl>"
+        ) from err
+
+
+def _load_local(path: Path, split: str) -> Any:
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: data.path={path}")
+    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+        ds = load_from_disk(str(path))
+        if isinstance(ds, DatasetDict):
+            if split not in ds:
+                raise ValueError(f"split {split!r} not in {path} (has {sorted(ds)})")
+            ds = ds[split]
+        assert isinstance(ds, Dataset)
+        return ds
+    files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no parquet files or save_to_disk dataset in data.path={path}")
+    # a clone of a hub repo holds e.g. data/train-0000.parquet and data/test-0000.parquet
+    in_split = [f for f in files if split in f.name]
+    return load_dataset("parquet", data_files=[str(f) for f in in_split or files], split="train")

@@ -1,0 +1,49 @@
+"""``python -m elise.prepare data=sample codec=mimi_random``: encode a data source into the code cache.
+
+Prints the bad-data report (also written to ``<cache_dir>/prepare_report.json``) and the cache
+folder. Training reuses the cache, so running this first is optional but lets a long encoding job
+run (and resume) on its own. A wrong path, an unavailable dataset or codec exits with code 2 and
+one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from elise.codec import CodecUnavailable, build_codec
+from elise.data.items import PreparedData
+from elise.data.prepare import prepare
+from elise.data.sources import DataUnavailable
+from elise.text import build_tokenizer
+
+# What a user can cause and fix (paths, access, options); anything else is a bug and keeps its traceback.
+USER_ERRORS = (DataUnavailable, CodecUnavailable, OSError, ValueError, ImportError, OmegaConfBaseException)
+
+
+def run(cfg: DictConfig) -> PreparedData:
+    """Build the tokenizer and codec named by ``cfg`` and prepare ``cfg.data``."""
+    tokenizer = build_tokenizer(cfg.get("tokenizer"))
+    codec_cfg = OmegaConf.to_container(cfg.codec, resolve=True)
+    assert isinstance(codec_cfg, dict)
+    codec = build_codec(**codec_cfg)
+    data = prepare(cfg.data, codec, tokenizer, progress=True)
+    print(f"codes cached in {data.cache_dir} (report: {data.cache_dir}/prepare_report.json)")
+    return data
+
+
+@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except USER_ERRORS as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
