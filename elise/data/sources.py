@@ -230,9 +230,16 @@ def _row_loader(ds: Any, index: int) -> Callable[[], Path | bytes]:
 
 
 def _load_hub(name: str, split: str) -> Any:
+    import os
+
     from datasets import load_dataset
+    from huggingface_hub import HfApi
 
     try:
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+            # one quick metadata call first: an unreachable hub or a taken-down dataset (401/404)
+            # fails here in well under a second, instead of after datasets' ~30 s of retries
+            HfApi().dataset_info(name, timeout=10)
         return load_dataset(name, split=split)
     except Exception as err:  # hub errors come as many types (HTTP, gated, not found, offline)
         reason = " ".join(str(err).split())[:200] or type(err).__name__
@@ -240,7 +247,8 @@ def _load_hub(name: str, split: str) -> Any:
             f"cannot load dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {reason}); "
             "the public copies of Elise were taken down in 2026 (hub 401, DMCA): point data.path= at a "
             "local copy (parquet or save_to_disk), or use data=ljspeech data.root=<folder> "
-            "(e.g. keithito/lj_speech) or data=manifest data.path=<file.jsonl>"
+            "(e.g. keithito/lj_speech) or data=manifest data.path=<file.jsonl>; HF_HUB_OFFLINE=1 uses a copy "
+            "already in the datasets cache"
         ) from err
 
 
