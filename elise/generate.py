@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from elise.layout import CODEBOOK_SIZE, EOS_CODE, NUM_CODEBOOKS, ROW_WIDTH
@@ -67,7 +68,9 @@ class FrameGenerator:
         start, keys = self.backbone_cache.pos, self.backbone_cache.pos + s
         k = torch.arange(keys, device=self.device)
         q = torch.arange(start, keys, device=self.device)
-        allowed = (k[None, :] <= q[:, None])[None] & (k[None, None, :] >= self.pads[:, None, None])  # [B, s, keys]
+        allowed = (k[None, :] <= q[:, None])[None] & (
+            k[None, None, :] >= self.pads[:, None, None]
+        )  # [B, s, keys]
         # a fully padded query row would attend nothing (NaN): let it see itself
         allowed |= (k[None, :] == q[:, None])[None]
         return allowed.unsqueeze(1)
@@ -90,27 +93,27 @@ class FrameGenerator:
     def decode_frame(self, h: Tensor) -> Tensor:
         """Codebook 0 from the backbone head, then 1..31 from the depth decoder. h [B, Db] -> codes [B, 32]."""
         m, cache = self.model, self.decoder_cache
-        c0 = sample_logits(m.codebook0_head(h), self.sampling, self.generator)  # [B]
+        c0 = sample_logits(m.codebook0_logits(h), self.sampling, self.generator)  # [B]
         cache.reset()
         x = torch.stack([h, m.audio_embeddings(c0)], dim=1)  # [B, 2, Db] (codebook 0 offset is 0)
-        out = m.decoder(m.projection(x), cache=cache)[:, -1]  # [B, Dd]
-        codes = [c0]
+        out = m.decoder(m.project(x), cache=cache)[:, -1]  # [B, Dd]
+        codes = torch.empty(h.shape[0], NUM_CODEBOOKS, dtype=torch.long, device=h.device)  # [B, 32]
+        codes[:, 0] = c0
+        offsets = m.audio_offsets.tolist()  # python ints: no per-step tensor indexing
         for k in range(1, NUM_CODEBOOKS):
-            c = sample_logits(out @ m.audio_head[k - 1], self.sampling, self.generator)  # [B]
-            codes.append(c)
+            c = sample_logits(m.codebook_logits(out, k), self.sampling, self.generator)  # [B]
+            codes[:, k] = c
             if k < NUM_CODEBOOKS - 1:
-                e = m.audio_embeddings(c + m.audio_offsets[k])  # [B, Db]
-                out = m.decoder(m.projection(e[:, None]), cache=cache)[:, -1]
-        return torch.stack(codes, dim=1)
+                e = m.audio_embeddings(c + offsets[k])  # [B, Db]
+                out = m.decoder(m.project(e[:, None]), cache=cache)[:, -1]  # [B, Dd]
+        return codes
 
     def advance(self, codes: Tensor) -> None:
-        """Feed a generated frame [B, 32] back into the backbone."""
-        b = codes.shape[0]
-        tokens = torch.zeros(b, 1, ROW_WIDTH, dtype=torch.long, device=self.device)
-        mask = torch.zeros(b, 1, ROW_WIDTH, dtype=torch.bool, device=self.device)
-        tokens[:, 0, :NUM_CODEBOOKS] = codes
-        mask[:, 0, :NUM_CODEBOOKS] = True
-        h = self.model.backbone(self.model.embed_rows(tokens, mask), self._positions(1), self.backbone_cache, self._key_mask(1))
+        """Feed a generated frame [B, 32] back into the backbone (an audio row: the sum of its 32 code
+        embeddings, without building the [B, 1, 33] row and mask)."""
+        ids = codes + self.model.audio_offsets  # [B, 32]
+        x = F.embedding_bag(ids, self.model.audio_embeddings.weight, mode="sum")[:, None]  # [B, 1, Db]
+        h = self.model.backbone(x, self._positions(1), self.backbone_cache, self._key_mask(1))
         self.h = h[:, -1]
 
 

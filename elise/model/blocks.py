@@ -7,6 +7,7 @@ weights map one to one. The rotation is the "rotate half" convention transformer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,34 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+class FusedMatmul:
+    """``x @ wt`` with a [K, N] weight: the fused q/k/v (or gate/up) projection for inference.
+
+    Not an nn.Module (so it adds nothing to the state_dict); the separate projections' weights are
+    re-pointed at column blocks of ``wt``, so fusing costs no memory and they stay in sync. The
+    [K, N] layout is also the faster one for wide matrix-vector products with MKL on CPU.
+    """
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.wt = torch.cat([lin.weight.detach() for lin in linears]).t().contiguous()  # [K, sum N]
+        start = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight.data = self.wt[:, start : start + n].t()  # a view: same storage
+            start += n
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x @ self.wt
+
+
+def fast_path(module: nn.Module, name: str):
+    """The inference-only replacement ``name`` (fused or int8 matmul) when gradients are off, else None."""
+    fast = module.__dict__.get("fast")
+    if not fast or torch.is_grad_enabled():
+        return None
+    return fast.get(name)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -84,6 +113,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.dim, bias=False)
+        # inference-only matmuls (set by Transformer.fuse / elise.model.quant): "qkv", "o"
+        self.fast: dict[str, Callable[[Tensor], Tensor]] = {}
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, S, D] -> q [B, S, H*hd], k, v [B, S, KV*hd] (one matmul when fused)."""
+        qkv = fast_path(self, "qkv")
+        if qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return qkv(x).split((nq, nkv, nkv), dim=-1)
 
     def forward(
         self,
@@ -95,9 +134,10 @@ class Attention(nn.Module):
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
+        k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
+        v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
@@ -107,7 +147,8 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_heads != self.num_kv_heads
         )  # [B, H, S, hd]
-        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+        o = o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [B, S, H*hd]
+        return (fast_path(self, "o") or self.o_proj)(o)
 
 
 class MLP(nn.Module):
@@ -116,9 +157,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.fast: dict[str, Callable[[Tensor], Tensor]] = {}  # inference-only: "gate_up", "down"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate_up = fast_path(self, "gate_up")
+        if gate_up is None:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)  # [B, S, hidden]
+        else:
+            g, u = gate_up(x).chunk(2, dim=-1)
+            h = F.silu(g) * u
+        return (fast_path(self, "down") or self.down_proj)(h)
 
 
 class Block(nn.Module):
@@ -149,6 +197,17 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.gradient_checkpointing = False
 
+    def fuse(self) -> Transformer:
+        """Fuse q/k/v and gate/up into one [K, N] matmul each for inference (used only when gradients
+        are off; weights, state_dict names and training are unchanged). Call after ``.to(device)``."""
+        for block in self.layers:
+            attn, mlp = block.self_attn, block.mlp
+            if "qkv" not in attn.fast:
+                attn.fast["qkv"] = FusedMatmul([attn.q_proj, attn.k_proj, attn.v_proj])
+            if "gate_up" not in mlp.fast:
+                mlp.fast["gate_up"] = FusedMatmul([mlp.gate_proj, mlp.up_proj])
+        return self
+
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
         return KVCache(self.cfg, batch_size, min(max_len, self.cfg.max_seq_len), dtype, device)
 
@@ -162,16 +221,20 @@ class Transformer(nn.Module):
         """x [B, S, dim]; positions [S] or [B, S] (default: cache.pos + arange(S)); attn_mask bool
         [B, 1, S, keys] (True = attend) when needed (padding in batched generation)."""
         s = x.shape[1]
-        if positions is None:
+        if positions is None:  # contiguous positions: a view of the tables, no gather
             start = cache.pos if cache is not None else 0
-            positions = torch.arange(start, start + s, device=x.device)
-        cos = self.rope_cos[positions].to(x.dtype)  # [S, hd] or [B, S, hd]
-        sin = self.rope_sin[positions].to(x.dtype)
+            cos, sin = self.rope_cos[start : start + s], self.rope_sin[start : start + s]  # [S, hd]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [S, hd] or [B, S, hd]
+        if cos.dtype != x.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         if cos.dim() == 3:  # per-item positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, i, cache, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    block, x, cos, sin, i, cache, attn_mask, use_reentrant=False
+                )
             else:
                 x = block(x, cos, sin, i, cache, attn_mask)
         if cache is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elise.layout import NUM_CODEBOOKS, TEXT_COL
-from elise.model.blocks import Transformer
+from elise.model.blocks import Transformer, fast_path
 from elise.model.config import CSMConfig
 
 
@@ -30,7 +31,15 @@ class CSM(nn.Module):
         self.codebook0_head = nn.Linear(db, v, bias=False)
         self.audio_head = nn.Parameter(torch.empty(cfg.num_codebooks - 1, dd, v))
         self.register_buffer("audio_offsets", torch.arange(cfg.num_codebooks) * v, persistent=False)
+        # inference-only matmuls (elise.model.quant): "projection", "codebook0_head", "audio_head"
+        self.fast: dict[str, Callable[..., Tensor]] = {}
         self.reset_parameters()
+
+    def fuse(self) -> CSM:
+        """Inference speed-up: fused q/k/v and gate/up matmuls in both stacks (see Transformer.fuse)."""
+        self.backbone.fuse()
+        self.decoder.fuse()
+        return self
 
     def reset_parameters(self) -> None:
         """From-scratch init: embeddings N(0, 1/sqrt(d)), block linears N(0, 0.02), heads zero
@@ -49,7 +58,9 @@ class CSM(nn.Module):
         b, s, _ = tokens.shape
         text = self.text_embeddings(tokens[..., TEXT_COL]) * mask[..., TEXT_COL, None]  # [B, S, D]
         ids = (tokens[..., :NUM_CODEBOOKS] + self.audio_offsets).reshape(b * s, NUM_CODEBOOKS)  # [B*S, 32]
-        weights = mask[..., :NUM_CODEBOOKS].reshape(b * s, NUM_CODEBOOKS).to(self.audio_embeddings.weight.dtype)
+        weights = (
+            mask[..., :NUM_CODEBOOKS].reshape(b * s, NUM_CODEBOOKS).to(self.audio_embeddings.weight.dtype)
+        )
         # embedding_bag sums the 32 rows without materialising [B, S, 32, D]
         audio = F.embedding_bag(ids, self.audio_embeddings.weight, per_sample_weights=weights, mode="sum")
         return text + audio.view(b, s, -1).to(text.dtype)
@@ -74,6 +85,20 @@ class CSM(nn.Module):
         out = self.decoder(self.projection(x))  # [N, 32, Dd]
         # output position k (1..31) times audio_head[k-1] predicts c_k
         return torch.einsum("nkd,kdv->nkv", out[:, 1:], self.audio_head)  # [N, 31, V]
+
+    # ---- single steps (generation) ----------------------------------------------------------------
+    def project(self, x: Tensor) -> Tensor:
+        """Backbone width -> decoder width: [..., Db] -> [..., Dd]."""
+        return (fast_path(self, "projection") or self.projection)(x)
+
+    def codebook0_logits(self, h: Tensor) -> Tensor:
+        """h [B, Db] -> logits [B, V] of codebook 0."""
+        return (fast_path(self, "codebook0_head") or self.codebook0_head)(h)
+
+    def codebook_logits(self, x: Tensor, k: int) -> Tensor:
+        """Decoder output x [B, Dd] at position k (1..31) -> logits [B, V] of codebook k."""
+        head = fast_path(self, "audio_head")
+        return x @ self.audio_head[k - 1] if head is None else head(x, k - 1)
 
     def num_params(self) -> dict[str, int]:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

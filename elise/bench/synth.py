@@ -1,0 +1,263 @@
+"""Synthesis speed: elise vs transformers ``CsmForConditionalGeneration.generate`` on the same random
+weights, CPU; per-frame time, RTF (a Mimi frame is 80 ms of audio), the memory-bandwidth bound,
+int8, and batch throughput."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from elise.bench.common import alternate, median, memory_bandwidth
+from elise.generate import FrameGenerator, SamplingConfig, generate
+from elise.layout import NUM_CODEBOOKS, segment_rows
+from elise.model import CSM, build_model
+from elise.model.quant import quantize_int8
+
+FRAME_SECONDS = 0.08  # 1920 samples at 24 kHz
+GREEDY = SamplingConfig(temperature=1.0, top_k=1)
+SPARE = [2048, 2049, 2050]
+
+
+def random_model(preset: str, seed: int = 0) -> CSM:
+    """Random weights with random heads (from-scratch heads are zero: every logit equal)."""
+    torch.manual_seed(seed)
+    model = build_model(preset).eval()
+    with torch.no_grad():
+        model.codebook0_head.weight.normal_(std=model.cfg.backbone.dim**-0.5)
+        model.audio_head.normal_(std=model.cfg.decoder.dim**-0.5)
+    return model
+
+
+def prompt(n_text: int = 24) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    text_ids = [1] + [3 + (7 * i) % 250 for i in range(n_text - 2)] + [2]
+    tokens, mask = segment_rows(text_ids, None, eos=False)  # [S, 33]
+    return text_ids, tokens, mask
+
+
+def weight_bytes_per_frame(model: CSM, bytes_per_weight: float) -> float:
+    """Weights one frame must read: backbone blocks once, decoder blocks 31 times, the codebook-0 head,
+    31 decoder heads and 31 decoder-input projections (norm weights included, embeddings rows not)."""
+    cfg = model.cfg
+    v, dd, db = cfg.audio_vocab_size, cfg.decoder.dim, cfg.backbone.dim
+    n = cfg.backbone.num_block_params() + (cfg.num_codebooks - 1) * cfg.decoder.num_block_params()
+    n += db * v + (cfg.num_codebooks - 1) * (dd * v + db * dd)
+    return n * bytes_per_weight
+
+
+def fast_state(model: CSM) -> list[tuple[Any, dict]]:
+    return [(m, dict(m.__dict__["fast"])) for m in model.modules() if "fast" in m.__dict__]
+
+
+def set_fast_state(state: list[tuple[Any, dict]]) -> None:
+    for m, fast in state:
+        m.__dict__["fast"] = dict(fast)
+
+
+def elise_frame_time(model: CSM, tokens, mask, frames: int, batch: int = 1) -> float:
+    """Median seconds per frame (prefill excluded) of elise's generate, EOS disabled."""
+    stamps: list[float] = []
+    t = tokens[None].expand(batch, -1, -1)
+    m = mask[None].expand(batch, -1, -1)
+    generate(
+        model,
+        t,
+        m,
+        frames,
+        GREEDY,
+        stop_on_eos=False,
+        on_frame=lambda c, f: stamps.append(time.perf_counter()),
+    )
+    return median([b - a for a, b in zip(stamps, stamps[1:], strict=False)])
+
+
+def elise_codes(model: CSM, tokens, mask, frames: int) -> torch.Tensor:
+    codes, _ = generate(model, tokens[None], mask[None], frames, GREEDY, stop_on_eos=False)
+    return codes[0]  # [32, F]
+
+
+@torch.inference_mode()
+def teacher_forced_agreement(model: CSM, tokens, mask, reference: torch.Tensor) -> dict[str, float]:
+    """Decode every frame after the reference history (so one flip does not derail the rest):
+    fraction of frames equal to the reference, and of codes equal."""
+    gen = FrameGenerator(model, 1, tokens.shape[0] + reference.shape[1], GREEDY)
+    gen.prefill(tokens[None], mask[None])
+    same_frames, same_codes = 0, 0
+    for f in range(reference.shape[1]):
+        codes = gen.decode_frame(gen.h)[0]  # [32]
+        same_codes += int((codes == reference[:, f]).sum())
+        same_frames += int(torch.equal(codes, reference[:, f]))
+        gen.advance(reference[None, :, f])
+    n = reference.shape[1]
+    return {"frames_equal": same_frames / n, "codes_equal": same_codes / (n * NUM_CODEBOOKS)}
+
+
+def transformers_model(model: CSM, workdir: str):
+    """Export elise's weights to a transformers csm directory and load it there (fp32, eval)."""
+    import transformers
+
+    from elise.interop import export_transformers_dir
+    from elise.text import ByteTokenizer
+
+    mimi = transformers.MimiConfig(  # a tiny codec: generate() never runs it, but the config needs one
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
+        intermediate_size=64, num_filters=8, codebook_dim=16, num_quantizers=32,
+        vector_quantization_hidden_dimension=16, upsample_groups=64,
+    )  # fmt: skip
+    out = export_transformers_dir(model, ByteTokenizer(), f"{workdir}/csm", mimi.to_dict())
+    ref = transformers.CsmForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    shutil.rmtree(out, ignore_errors=True)  # it is in memory now
+    return ref
+
+
+class _Stamps:
+    """A transformers streamer that timestamps every frame ``generate`` emits."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def transformers_frame_time(ref, text_ids: list[int], frames: int) -> tuple[float, int]:
+    """Median seconds per frame of transformers' generate (prefill excluded), and frames produced."""
+    streamer = _Stamps()
+    with torch.inference_mode():
+        out = ref.generate(
+            input_ids=torch.tensor([text_ids]), max_new_tokens=frames, min_new_tokens=frames,
+            do_sample=False, depth_decoder_do_sample=False, suppress_tokens=SPARE,
+            depth_decoder_suppress_tokens=SPARE, streamer=streamer,
+        )  # fmt: skip
+    stamps = streamer.times[1:]  # the first put is the prompt
+    return median([b - a for a, b in zip(stamps, stamps[1:], strict=False)]), int(out.shape[1])
+
+
+def bench_synth(
+    preset: str = "marvis_250m",
+    frames: int = 16,
+    ref_frames: int = 8,
+    reps: int = 3,
+    batches: tuple[int, ...] = (4, 8),
+    reference: bool = True,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """All synthesis figures (see BENCHMARKS.md). ``frames``/``ref_frames``: frames timed per repetition
+    for elise / transformers (per-frame medians; RTF for 125 frames is the same per-frame figure)."""
+    res: dict[str, Any] = {
+        "preset": preset,
+        "frames_timed": frames,
+        "ref_frames_timed": ref_frames,
+        "reps": reps,
+    }
+    res["bandwidth_gbs"] = memory_bandwidth()
+    model = random_model(preset)
+    text_ids, tokens, mask = prompt()
+    workdir = tempfile.mkdtemp(prefix="elise_bench_")
+    ref = transformers_model(model, workdir) if reference else None
+
+    plain = fast_state(model)
+    model.fuse()
+    fused = fast_state(model)
+    quantize_int8(model)
+    int8 = fast_state(model)
+
+    def run(state, batch=1, n=frames):
+        def case() -> float:
+            set_fast_state(state)
+            return elise_frame_time(model, tokens, mask, n, batch)
+
+        return case
+
+    cases = {"elise_fp32": run(fused), "elise_fp32_unfused": run(plain), "elise_int8": run(int8)}
+    if ref is not None:
+        produced: list[int] = []
+
+        def ref_case() -> float:
+            t, got = transformers_frame_time(ref, text_ids, ref_frames)
+            produced.append(got)
+            return t
+
+        cases["transformers_fp32"] = ref_case
+    times = alternate(cases, reps, warmup=warmup)
+    per_frame = {k: median(v) for k, v in times.items()}
+    res["per_frame_s"] = per_frame
+    res["all_times_s"] = times
+    res["rtf"] = {k: v / FRAME_SECONDS for k, v in per_frame.items()}
+    res["frames_per_s"] = {k: 1 / v for k, v in per_frame.items()}
+    if ref is not None:
+        t_ref = per_frame["transformers_fp32"]
+        res["speedup_vs_transformers"] = {
+            k: t_ref / v for k, v in per_frame.items() if k != "transformers_fp32"
+        }
+
+    for name, width in (("fp32", 4.0), ("int8", 1.0)):
+        b = weight_bytes_per_frame(model, width)
+        bound = b / (res["bandwidth_gbs"] * 1e9)
+        res[f"bound_{name}"] = {
+            "bytes_per_frame": b,
+            "bound_s": bound,
+            "fraction": bound / per_frame[f"elise_{name}"],
+        }
+
+    # int8 codes vs fp32: free-running and teacher-forced agreement (fused fp32 rounds differently
+    # from the unfused matmuls: near-ties may flip, so its agreement is reported too)
+    set_fast_state(plain)
+    plain_codes = elise_codes(model, tokens, mask, frames)
+    set_fast_state(fused)
+    fp32_codes = elise_codes(model, tokens, mask, frames)
+    res["fused_frames_equal_unfused"] = float((fp32_codes == plain_codes).all(0).float().mean())
+    set_fast_state(int8)
+    int8_codes = elise_codes(model, tokens, mask, frames)
+    res["int8_agreement"] = {
+        "free_running_frames_equal": float((int8_codes == fp32_codes).all(0).float().mean()),
+        **teacher_forced_agreement(model, tokens, mask, fp32_codes),
+    }
+    if ref is not None:
+        # same weights, same greedy decisions: elise's codes must be transformers' codes
+        with torch.inference_mode():
+            ref_codes = ref.generate(
+                input_ids=torch.tensor([text_ids]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                depth_decoder_do_sample=False, suppress_tokens=SPARE, depth_decoder_suppress_tokens=SPARE,
+            )[0].t()  # fmt: skip
+        res["codes_equal_transformers"] = bool(torch.equal(ref_codes, plain_codes[:, : ref_codes.shape[1]]))
+
+    # batch throughput: total frames/s at batch B vs batch 1 (fp32 and int8)
+    batch_cases = {}
+    for name, state in (("fp32", fused), ("int8", int8)):
+        for b in (1, *batches):
+            batch_cases[f"{name}_b{b}"] = run(state, b, max(4, frames // 2))
+    btimes = {k: median(v) for k, v in alternate(batch_cases, max(1, reps - 1), warmup=0).items()}
+    res["batch"] = {
+        k: {"per_frame_s": v, "total_frames_per_s": int(k.split("_b")[1]) / v, "vs_b1": None}
+        for k, v in btimes.items()
+    }
+    for k, row in res["batch"].items():
+        base = res["batch"][k.split("_b")[0] + "_b1"]["total_frames_per_s"]
+        row["vs_b1"] = row["total_frames_per_s"] / base
+    set_fast_state(plain)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return res
+
+
+def synth_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table rows for the printed summary."""
+    rows = []
+    speed = res.get("speedup_vs_transformers", {})
+    for k, t in res["per_frame_s"].items():
+        rows.append(
+            {
+                "case": k,
+                "s/frame": t,
+                "frames/s": 1 / t,
+                "RTF": t / FRAME_SECONDS,
+                "x transformers": speed.get(k),
+            }
+        )
+    return rows
