@@ -119,7 +119,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
     t0 = time.perf_counter()
     loaded = load(cfg.ckpt, device)
-    model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile), str(cfg.quantize_kernel))
+    model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
     codec_cfg = OmegaConf.to_container(cfg.codec, resolve=True)
     assert isinstance(codec_cfg, dict)
     codec = load_codec(codec_cfg, device, model.cfg.num_codebooks)

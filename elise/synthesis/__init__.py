@@ -1,15 +1,13 @@
 """Synthesis pieces behind ``synthesize.py``: text splitting, prompts, batched/streamed generation,
-wav writing, int8 quantization, errors. ``elise.synthesize.run(cfg)`` puts them together."""
+wav writing, errors. ``elise.synthesize.run(cfg)`` puts them together."""
 
 from elise.synthesis.engine import Job, Result, Settings, Synthesizer
 from elise.synthesis.errors import SynthesisError
 from elise.synthesis.prompt import Segment, build_prompt, load_references
-from elise.synthesis.quantize import Int8Linear, quantize_int8
 from elise.synthesis.text import LengthBound, max_frames, split_sentences
 from elise.synthesis.wav import WavWriter
 
 __all__ = [
-    "Int8Linear",
     "Job",
     "LengthBound",
     "Result",
@@ -21,6 +19,5 @@ __all__ = [
     "build_prompt",
     "load_references",
     "max_frames",
-    "quantize_int8",
     "split_sentences",
 ]

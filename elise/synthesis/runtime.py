@@ -10,8 +10,8 @@ import torch
 from elise.checkpoints import Loaded, load_model
 from elise.codec import Codec, build_codec
 from elise.model.csm import CSM
+from elise.model.quant import quantize_int8
 from elise.synthesis.errors import SynthesisError, one_line
-from elise.synthesis.quantize import quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +43,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def prepare_model(
-    model: CSM, dtype: torch.dtype, quantize: str | None = None, compile: bool = False, kernel: str = "auto"
-) -> CSM:
-    """Cast, quantize the blocks' Linear layers (``int8``), and torch.compile the two stacks."""
-    model = model.to(dtype).eval().requires_grad_(False)
+def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, compile: bool = False) -> CSM:
+    """Cast, fuse q/k/v and gate/up, optionally int8 weights (``quantize=int8``), optionally torch.compile."""
+    model = model.to(dtype).eval().requires_grad_(False).fuse()
     if quantize:
         if str(quantize) != "int8":
             raise SynthesisError(f"quantize={quantize} is not supported; use quantize=int8 or leave it null")
-        try:
-            count = quantize_int8(model, kernel)
-        except ValueError as err:
-            raise SynthesisError(f"quantize=int8: {one_line(err)}") from err
-        log.info("quantize=int8: %d Linear layers of the backbone and decoder now hold int8 weights", count)
-        if next(model.parameters()).device.type == "cpu":
-            log.info(
-                "quantize=int8 on CPU saves weight memory but ran ~2.7x slower than fp32 here (torch 2.13)"
-            )
+        quantize_int8(model)
+        log.info("quantize=int8: int8 weight-only matmuls for both stacks, the projection and the heads")
     if compile:
         # dynamic=True: the KV-cache length grows every step; without it every length recompiles
         model.backbone.compile(dynamic=True)
