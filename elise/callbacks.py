@@ -1,0 +1,189 @@
+"""Training callbacks: audio samples of fixed validation sentences, a checkpoint on SIGTERM, the progress bar."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+    TQDMProgressBar,
+)
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from elise.codec.base import Codec
+from elise.layout import text_rows
+from elise.model import CSM
+
+log = logging.getLogger(__name__)
+
+
+def progress_bar(refresh_rate: int = 1, plain_refresh_rate: int = 50) -> ProgressBar:
+    """Rich on a terminal; a plain tqdm bar that refreshes rarely when stdout is a file (SLURM logs)."""
+    if sys.stdout.isatty():
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return TQDMProgressBar(refresh_rate=plain_refresh_rate)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is always the final state of a run.
+
+    Lightning's own ``save_last`` skips the save at the end of training once any checkpoint was
+    written (e.g. every 10k steps with max_steps=15k leaves last.ckpt at step 10k).
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.save_last
+            and not getattr(trainer, "fast_dev_run", False)
+            and self._last_global_step_saved != trainer.global_step
+        ):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class AudioSamples(Callback):
+    """Every ``every_n_val`` validation runs, synthesize the first ``num_sentences`` validation
+    sentences (greedy by default, bounded length), decode them with the codec and write
+    ``<run dir>/samples/step<N>_<i>.wav`` (24 kHz); logged to W&B as audio when W&B is on.
+
+    Runs on global rank 0 only, on the unwrapped CSM (no collectives, so other ranks just wait at
+    the next gradient sync). Skipped under FSDP, where no rank holds the whole model.
+    """
+
+    def __init__(
+        self,
+        codec: Mapping[str, Any],
+        every_n_val: int = 1,
+        num_sentences: int = 2,
+        max_frames: int = 125,
+        temperature: float = 0.0,
+        top_k: int = 1,
+        seed: int = 0,
+    ):
+        self.codec_cfg = dict(codec)
+        self.every_n_val, self.num_sentences, self.max_frames = (
+            int(every_n_val),
+            int(num_sentences),
+            int(max_frames),
+        )
+        self.temperature, self.top_k, self.seed = float(temperature), int(top_k), int(seed)
+        self._codec: Codec | None = None
+        self._runs = 0
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.num_sentences <= 0:
+            return
+        self._runs += 1
+        if self._runs % max(self.every_n_val, 1) or not trainer.is_global_zero:
+            return
+        if "FSDP" in type(trainer.strategy).__name__:
+            return
+        val_set = getattr(getattr(trainer, "datamodule", None), "val_set", None)
+        examples = list(getattr(val_set, "examples", []) or [])[: self.num_sentences]
+        if not examples:
+            return
+        paths = self.write_samples(
+            cast(CSM, pl_module.model), examples, Path(trainer.default_root_dir), trainer.global_step
+        )
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_audio(
+                    "samples",
+                    [str(p) for p in paths],
+                    step=trainer.global_step,
+                    caption=[e.text for e in examples],
+                )
+
+    def codec(self, device: torch.device) -> Codec:
+        if self._codec is None:
+            from elise.codec import build_codec
+
+            self._codec = build_codec(**self.codec_cfg).eval()
+        return self._codec.to(device)
+
+    def write_samples(self, model: CSM, examples: list, run_dir: Path, step: int) -> list[Path]:
+        """Generate and write one wav per example; returns the paths."""
+        import soundfile as sf
+
+        from elise.generate import SamplingConfig, generate, left_pad
+
+        device = next(model.parameters()).device
+        prompts = [text_rows(e.text_ids) for e in examples]
+        tokens, mask, pads = left_pad(prompts)  # [B, S, 33] x2, [B]
+        # bounded: a little longer than the reference clip, never more than max_frames
+        limits = torch.tensor([min(self.max_frames, int(e.frames * 1.25) + 4) for e in examples])
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            codes, lengths = generate(
+                model,
+                tokens.to(device),
+                mask.to(device),
+                limits,
+                SamplingConfig(self.temperature, self.top_k),
+                gen,
+                pads,
+            )  # [B, 32, F], [B]
+        finally:
+            model.train(was_training)
+        codec = self.codec(device)
+        out_dir = run_dir / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        with torch.no_grad():
+            for i, n in enumerate(lengths.tolist()):
+                n = max(int(n), 1)
+                wav = codec.decode(codes[i : i + 1, :, :n].to(device))  # [1, 1, n * 1920]
+                path = out_dir / f"step{step:07d}_{i}.wav"
+                sf.write(str(path), wav[0, 0].float().cpu().numpy(), int(codec.sample_rate))
+                paths.append(path)
+        log.info("wrote %d audio samples to %s", len(paths), out_dir)
+        return paths
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM (preemption, ``scancel``), save ``<dirpath>/sigterm-step<N>.ckpt`` before exiting.
+
+    Lightning's signal connector only flags the signal; the fit loop then raises
+    ``SIGTERMException`` at the end of the current batch on every rank (rank 0 broadcasts the
+    flag under DDP), so every rank reaches ``on_exception`` and ``trainer.save_checkpoint`` (a
+    collective under FSDP) runs on all of them: no deadlock.
+    """
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+        self.saved: str | None = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.sanity_checking:
+            return
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        path = dirpath / f"sigterm-step{trainer.global_step:07d}.ckpt"
+        trainer.save_checkpoint(str(path), weights_only=False)  # full state: optimizer, loops, sampler
+        self.saved = str(path)
+        if trainer.is_global_zero:
+            print(f"SIGTERM: saved {path}; resume with ckpt_path={path}", file=sys.stderr, flush=True)
+
+
+class BatchLog(Callback):
+    """Appends ``<step> <id,id,...>`` per training batch to ``<run dir>/batches_rank<R>.txt``:
+    which clips each rank trained on (debugging data order, DDP sharding, resumes). Off by default."""
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        path = Path(trainer.default_root_dir) / f"batches_rank{trainer.global_rank}.txt"
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(f"{trainer.global_step} {','.join(batch['ids'])}\n")

@@ -1,0 +1,271 @@
+"""The LightningModule: a CSM, its loss, per-codebook metrics, AdamW + warmup/cosine.
+
+Only primitives go into ``hparams`` (model config dict, tokenizer spec, optim and loss settings),
+so ``EliseModule.load_from_checkpoint(path)`` and ``elise.checkpoints.load_model(path)`` rebuild
+the network from the checkpoint alone. The CSM lives under ``self.model`` (state-dict prefix
+``model.``), as ``elise.checkpoints`` expects.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any, cast
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import Tensor
+from torchmetrics import Metric
+
+from elise.layout import NUM_CODEBOOKS
+from elise.model import CSMConfig, build_model
+from elise.model.loss import LossOutput, csm_loss
+from elise.optim import build_optimizer, optim_settings
+
+LOSS_DEFAULTS: dict[str, float] = {
+    "decoder_fraction": 1 / 16,
+    "val_decoder_fraction": 1.0,  # validation scores every frame: exact, comparable per-codebook numbers
+    "backbone_weight": 1.0,
+    "decoder_weight": 1.0,
+}
+
+
+class PerCodebookMean(Metric):
+    """Running per-codebook mean of a quantity: sums [32] and counts [32], summed across ranks.
+
+    Fed vectorized sums (one update per batch, not 32), so accuracy = correct / total and
+    loss = sum(CE) / frames over everything seen since the last reset.
+    """
+
+    full_state_update = False
+    total: Tensor
+    count: Tensor
+
+    def __init__(self, num_codebooks: int = NUM_CODEBOOKS, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros(num_codebooks, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(num_codebooks, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, sums: Tensor, counts: Tensor) -> None:
+        self.total += sums.detach().to(self.total)  # [32]
+        self.count += counts.detach().to(self.count)  # [32]
+
+    def compute(self) -> Tensor:
+        return self.total / self.count.clamp(min=1)  # [32]
+
+
+def codebook_sums(out: LossOutput) -> tuple[Tensor, Tensor, Tensor]:
+    """(correct [32], loss sums [32], counts [32]) of one batch; codebook 0 counts every target
+    frame, codebooks 1..31 the decoder's frames."""
+    correct = torch.cat(
+        [(out.preds0 == out.target0).sum().reshape(1), (out.preds == out.targets).sum(0)]
+    )  # [32]
+    counts = torch.tensor(
+        [out.num_frames] + [out.num_decoder_frames] * (NUM_CODEBOOKS - 1), device=correct.device
+    )
+    return correct.float(), out.per_codebook_loss.float() * counts, counts.float()
+
+
+def frame_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integer keys (seed, step, micro-batch, rank): resumed runs
+    draw the same decoder frames at the same step."""
+    seed = int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+class EliseModule(pl.LightningModule):
+    """Backbone + depth decoder trained with ``elise.model.loss.csm_loss``.
+
+    Args:
+        model: CSMConfig as a dict (the Hydra ``model`` group or a checkpoint's ``hparams.model``).
+        tokenizer: ``"bytes"`` or the HF tokenizer spec (a path); recorded for synthesis.
+        optim: lr, min_lr, warmup_steps, weight_decay, betas, eps (``elise.optim``).
+        loss: decoder_fraction, val_decoder_fraction, backbone_weight, decoder_weight.
+        total_steps: optimizer steps of the cosine schedule (``trainer.max_steps``).
+        seed: seeds the decoder-frame draws.
+        freeze_backbone: backbone + text embeddings get no gradients (nor optimizer state).
+        tokenizer_json: full tokenizer.json text, stored in the checkpoint (not in hparams).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        tokenizer: str = "bytes",
+        optim: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        total_steps: int = 1000,
+        seed: int = 0,
+        freeze_backbone: bool = False,
+        tokenizer_json: str | None = None,
+    ):
+        super().__init__()
+        model_dict = CSMConfig.from_dict(dict(model)).to_dict()  # validated, primitives only
+        loss_cfg = {**LOSS_DEFAULTS, **{k: float(v) for k, v in dict(loss or {}).items() if v is not None}}
+        optim_cfg = optim_settings(optim)
+        optim_cfg["betas"] = list(optim_cfg["betas"])
+        self.save_hyperparameters(
+            {
+                "model": model_dict,
+                "tokenizer": str(tokenizer),
+                "optim": optim_cfg,
+                "loss": loss_cfg,
+                "total_steps": int(total_steps),
+                "seed": int(seed),
+                "freeze_backbone": bool(freeze_backbone),
+            }
+        )
+        self.loss_cfg, self.optim_cfg = loss_cfg, optim_cfg
+        self.seed, self.total_steps = int(seed), int(total_steps)
+        self.model = build_model(model_dict)
+        self.tokenizer_json = tokenizer_json
+        if freeze_backbone:
+            self.freeze_backbone()
+        # train metrics cover the steps since the last log on this rank: no sync needed
+        self.train_acc = PerCodebookMean(sync_on_compute=False)
+        self.train_cb_loss = PerCodebookMean(sync_on_compute=False)
+        self.val_acc = PerCodebookMean()
+        self.val_cb_loss = PerCodebookMean()
+        self.tokens_seen = 0  # non-padding rows, all ranks, up to the last log
+        self._pending_tokens = 0  # this rank's rows since the last log
+        self._micro = (-1, 0)  # (global_step, micro-batch index) for accumulation
+
+    def freeze_backbone(self) -> None:
+        """Freeze the backbone blocks and text embeddings (audio embeddings are shared with the decoder)."""
+        for part in (self.model.backbone, self.model.text_embeddings):
+            part.requires_grad_(False)
+
+    def load_weights(self, state: Mapping[str, Tensor]) -> None:
+        """Copy CSM weights (``init_from``), strictly: a mismatch is an error, not a silent partial load."""
+        self.model.load_state_dict(dict(state), strict=True)
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def _loss(self, batch: dict, fraction: float, generator: torch.Generator) -> LossOutput:
+        lc = self.loss_cfg
+        return csm_loss(
+            self.model,
+            batch["tokens"],
+            batch["mask"],
+            fraction,
+            lc["backbone_weight"],
+            lc["decoder_weight"],
+            generator,
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        step = self.global_step
+        micro = self._micro[1] + 1 if self._micro[0] == step else 0
+        self._micro = (step, micro)
+        gen = frame_generator(self.seed, step, micro, self.global_rank)
+        out = self._loss(batch, self.loss_cfg["decoder_fraction"], gen)
+        frames = out.num_frames
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=frames)
+        self.log("train/backbone_loss", out.backbone_loss, batch_size=frames)
+        self.log("train/decoder_loss", out.decoder_loss, batch_size=frames)
+        correct, loss_sums, counts = codebook_sums(out)
+        self.train_acc.update(correct, counts)
+        self.train_cb_loss.update(loss_sums, counts)
+        self._pending_tokens += int(batch["mask"].any(-1).sum())
+        last_micro = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        if last_micro and self.trainer._logger_connector.should_update_logs:
+            self._log_window()
+        return out.loss
+
+    def _log_window(self) -> None:
+        """Per-codebook accuracy/loss over the steps since the last log, lr, tokens seen."""
+        pending = torch.tensor(float(self._pending_tokens), device=self.device)
+        self.tokens_seen += int(self.trainer.strategy.reduce(pending, reduce_op="sum").item())
+        self._pending_tokens = 0
+        acc, cb_loss = self.train_acc.compute(), self.train_cb_loss.compute()
+        self.train_acc.reset()
+        self.train_cb_loss.reset()
+        logs = {f"train/acc_cb{k}": acc[k].float() for k in range(NUM_CODEBOOKS)}
+        logs.update({f"train/loss_cb{k}": cb_loss[k].float() for k in range(NUM_CODEBOOKS)})
+        lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+        logs["train/lr"] = torch.tensor(lr, device=self.device)
+        logs["train/tokens_seen"] = torch.tensor(float(self.tokens_seen), device=self.device)
+        self.log_dict(logs, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        gen = frame_generator(self.seed, -1, batch_idx, self.global_rank)
+        out = self._loss(batch, self.loss_cfg["val_decoder_fraction"], gen)
+        for name, value in (
+            ("loss", out.loss),
+            ("backbone_loss", out.backbone_loss),
+            ("decoder_loss", out.decoder_loss),
+        ):
+            self.log(
+                f"val/{name}",
+                value,
+                prog_bar=name == "loss",
+                on_step=False,
+                on_epoch=True,
+                sync_dist=True,
+                batch_size=out.num_frames,
+            )
+        correct, loss_sums, counts = codebook_sums(out)
+        self.val_acc.update(correct, counts)
+        self.val_cb_loss.update(loss_sums, counts)
+        return out.loss
+
+    def on_validation_epoch_end(self) -> None:
+        acc, cb_loss = self.val_acc.compute(), self.val_cb_loss.compute()  # synced across ranks
+        self.val_acc.reset()
+        self.val_cb_loss.reset()
+        logs = {f"val/acc_cb{k}": acc[k].float() for k in range(NUM_CODEBOOKS)}
+        logs.update({f"val/loss_cb{k}": cb_loss[k].float() for k in range(NUM_CODEBOOKS)})
+        self.log_dict(logs, on_step=False, on_epoch=True)
+
+    # ---- optimisation ------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        opt, sched = build_optimizer(self.model, self.optim_cfg, self.total_steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ---- checkpoint extras -------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer_json:
+            checkpoint["elise_tokenizer_json"] = self.tokenizer_json
+        world = self.trainer.world_size if self._trainer is not None else 1
+        checkpoint["elise_tokens_seen"] = int(self.tokens_seen + self._pending_tokens * world)
+        checkpoint["elise_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_json = checkpoint.get("elise_tokenizer_json", self.tokenizer_json)
+        self.tokens_seen = int(checkpoint.get("elise_tokens_seen", 0))
+        if self._trainer is not None and "elise_rng" in checkpoint:  # resuming, not loading for inference
+            set_rng_state(checkpoint["elise_rng"])
+
+
+def rng_state() -> dict[str, Any]:
+    """torch / numpy / python RNG states as tensors and plain tuples (``weights_only``-loadable).
+
+    Under DDP the checkpoint holds rank 0's states; elise's own randomness (decoder frames, batch
+    order) is seeded per step and per rank, so no rank depends on them for an exact resume.
+    """
+    kind, keys, pos, has_gauss, gauss = cast(tuple, np.random.get_state(legacy=True))
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)},
+        "numpy_gauss": [int(has_gauss), float(gauss)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    has_gauss, gauss = state["numpy_gauss"]
+    np.random.set_state(
+        (np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"], has_gauss, gauss)
+    )
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

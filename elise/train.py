@@ -1,0 +1,290 @@
+"""``train(cfg)``: build the module, data, callbacks, loggers and Trainer from the Hydra config, fit.
+
+``main(cfg)`` (what ``train.py`` calls) turns user errors (data or codec weights that cannot be
+fetched, a missing ``init_from``, a bad path) into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from elise.callbacks import SaveOnSigterm
+from elise.module import EliseModule
+
+log = logging.getLogger("elise.train")
+EXIT_USER_ERROR = 2
+EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a terminated job
+
+
+class UserError(RuntimeError):
+    """A configuration or input problem the user can fix (reported as one line, exit code 2)."""
+
+
+# ---- paths --------------------------------------------------------------------------------------
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    """The Hydra run dir (``hydra.run.dir``, or the job's dir in a sweep); created if needed."""
+    from hydra.core.hydra_config import HydraConfig
+
+    name = None
+    if HydraConfig.initialized():
+        name = HydraConfig.get().runtime.output_dir
+    if not name and "hydra" in cfg:  # composed with return_hydra_config=True (tests, elise.demo)
+        name = OmegaConf.select(cfg, "hydra.run.dir")
+    path = Path(name or f"outputs/train/runs/{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
+def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
+    """``None``, a checkpoint file, or ``"last"``: the newest ``.ckpt`` under the run dir."""
+    if spec is None:
+        return None
+    if str(spec) == "last":
+        found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(
+                f"ckpt_path=last: no checkpoint under {run_dir} (set hydra.run.dir to the run to resume)"
+            )
+        return str(found[-1])
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={spec}: no such checkpoint file")
+    return str(path)
+
+
+# ---- pieces -------------------------------------------------------------------------------------
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def check_config(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "init_from") or (cfg.get("require_init_from") and not cfg.get("init_from")):
+        raise UserError(
+            "this experiment fine-tunes existing weights: pass init_from=<transformers dir or elise .ckpt>"
+        )
+    if int(cfg.trainer.get("max_steps", -1)) <= 0 and not cfg.trainer.get("fast_dev_run"):
+        raise UserError("trainer.max_steps must be > 0 (it is also the length of the cosine schedule)")
+    precision = str(cfg.precision)
+    if precision in ("bf16-true", "16-true", "bf16", "16", "half"):
+        raise UserError(
+            f"precision={precision} stores the weights in 16 bits (no fp32 master copy): use bf16-mixed or 16-mixed"
+        )
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and str(cfg.precision).startswith("bf16"):
+        log.warning(
+            "precision=%s on a CPU is 30-100x slower than fp32: use precision=32-true here", cfg.precision
+        )
+
+
+def resolve_tokenizer(cfg: DictConfig, model_cfg: dict, loaded: Any | None, run_dir: Path) -> tuple[Any, str]:
+    """The tokenizer (``tokenizer=`` wins, else init_from's, else bytes) and the spec the
+    datamodule reads (a path or ``"bytes"``; a tokenizer stored in a checkpoint is written out)."""
+    from elise.text import HFTokenizer, build_tokenizer
+
+    tokenizer = loaded.tokenizer if loaded is not None else None
+    if cfg.get("tokenizer") is not None:
+        tokenizer = build_tokenizer(str(cfg.tokenizer))  # FileNotFoundError: one-line message
+    if tokenizer is None:
+        tokenizer = build_tokenizer("bytes")
+        if int(model_cfg["text_vocab_size"]) > 1024:
+            log.warning(
+                "no tokenizer given: using the byte tokenizer (its ids fit the %d-id text table); "
+                "pass tokenizer=/path/to/tokenizer.json for the model's own vocabulary",
+                model_cfg["text_vocab_size"],
+            )
+    if tokenizer.vocab_size > int(model_cfg["text_vocab_size"]):
+        raise UserError(
+            f"tokenizer has {tokenizer.vocab_size} ids but the model's text table has {model_cfg['text_vocab_size']}"
+        )
+    if not isinstance(tokenizer, HFTokenizer):
+        return tokenizer, "bytes"
+    if tokenizer.path is not None:
+        return tokenizer, str(tokenizer.path)
+    path = run_dir / "tokenizer.json"  # came from a checkpoint: the datamodule reads a file
+    path.write_text(tokenizer.json, encoding="utf-8")
+    return tokenizer, str(path)
+
+
+def build_module(
+    cfg: DictConfig, model_cfg: dict, tokenizer: Any, spec: str, loaded: Any | None
+) -> EliseModule:
+    """The LightningModule: from scratch, or with the weights of ``init_from`` (a fresh schedule)."""
+    module = EliseModule(
+        model=model_cfg,
+        tokenizer=spec,
+        optim=_container(cfg.optim),
+        loss=_container(cfg.get("loss")),
+        total_steps=max(int(cfg.trainer.get("max_steps", 1)), 1),
+        seed=int(cfg.seed),
+        freeze_backbone=bool(cfg.get("freeze_backbone", False)),
+        tokenizer_json=getattr(tokenizer, "json", None),
+    )
+    if loaded is not None:
+        module.load_weights(loaded.model.state_dict())
+    return module
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+    callbacks = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        cb = instantiate(node, _convert_="all")
+        if getattr(cb, "dirpath", "unset") is None:
+            cb.dirpath = str(run_dir / "checkpoints")
+        log.debug("callback %s: %s", name, type(cb).__name__)
+        callbacks.append(cb)
+    if not any(isinstance(cb, SaveOnSigterm) for cb in callbacks):
+        callbacks.append(SaveOnSigterm(str(run_dir / "checkpoints")))
+    return callbacks
+
+
+def checkpoint_step(path: str) -> int:
+    """global_step of a checkpoint (memory-mapped: the weights are not read)."""
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None or "_target_" not in node:
+            continue
+        kwargs = {"save_dir": str(run_dir)} if node.get("save_dir") is None else {}
+        lg = instantiate(node, _convert_="all", **kwargs)
+        if resume_step is not None and hasattr(lg, "resume_from"):
+            lg.resume_from(resume_step)  # keep metrics.csv rows logged before the checkpoint
+        if hasattr(lg, "experiment") and "Wandb" in type(lg).__name__:
+            plain = {k: _container(v) for k, v in cfg.items() if k != "hydra"}
+            lg.log_hyperparams(plain)
+        loggers.append(lg)
+    return loggers
+
+
+# ---- entry points -------------------------------------------------------------------------------
+
+
+def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
+    """Fit the model described by ``cfg``; returns the final logged metrics as floats.
+
+    ``callbacks`` are added to the configured ones (tests use this to inject faults).
+    """
+    check_config(cfg)
+    threads = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        torch.set_num_threads(threads)  # a library call leaves the process as it found it
+
+
+def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, float]:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = run_dir_of(cfg)
+    if not HydraConfig.initialized() and getattr(rank_zero_only, "rank", 0) == 0:
+        # composed from Python (elise.demo, tests): no .hydra/config.yaml, so record the config here
+        plain = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain), encoding="utf-8")
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts; params stay fp32
+    loaded, model_cfg = None, _container(cfg.model)
+    if cfg.get("init_from"):
+        from elise.checkpoints import load_model
+
+        loaded = load_model(cfg.init_from)  # CheckpointError: one-line message
+        model_cfg = loaded.model.cfg.to_dict()  # the weights' architecture, not the model group's
+        log.info(
+            "init_from=%s: %s weights, with their architecture and tokenizer", cfg.init_from, loaded.source
+        )
+    tokenizer, tokenizer_spec = resolve_tokenizer(cfg, model_cfg, loaded, run_dir)
+
+    from elise.data.datamodule import EliseDataModule
+
+    datamodule = EliseDataModule(cfg.data, cfg.codec, tokenizer_spec=tokenizer_spec, seed=int(cfg.seed))
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        # encode + cache before building a large model: unavailable data or codec weights fail in
+        # seconds. Lightning would call it again on this rank (and print the report twice).
+        datamodule.prepare_data()
+        datamodule.prepare_data = lambda: None  # type: ignore[method-assign]
+    module = build_module(cfg, model_cfg, tokenizer, tokenizer_spec, loaded)
+    del loaded
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        _convert_="all",
+        precision=cfg.precision,
+        callbacks=all_callbacks,
+        logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None) or False,
+        default_root_dir=str(run_dir),
+        use_distributed_sampler=False,  # the batch sampler is rank-aware already
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        saved = next((cb.saved for cb in all_callbacks if isinstance(cb, SaveOnSigterm) and cb.saved), None)
+        raise SystemExit(EXIT_SIGTERM if saved else 1) from None
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    if trainer.is_global_zero:
+        log.info("run dir: %s", run_dir)
+    return metrics
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "fix your input" (imported lazily: the codec pulls in nothing heavy here)."""
+    from elise.checkpoints import CheckpointError
+    from elise.codec import CodecUnavailable
+    from elise.data.sources import DataUnavailable
+
+    types: list[type[BaseException]] = [UserError, CheckpointError, CodecUnavailable, DataUnavailable]
+    types += [MissingMandatoryValue, FileNotFoundError]
+    try:
+        from elise.data.prepare import BadItem
+
+        types.append(BadItem)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def one_line(err: BaseException) -> str:
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", "") or "?"
+        return f"missing value: {key} (set it on the command line: {key}=...)"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text
+
+
+def main(cfg: DictConfig) -> float | None:
+    """``train.py``'s body: train, print one line and exit 2 on user errors; return the metric a
+    sweeper optimizes (``optimized_metric``)."""
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    # the batch sampler resumes exactly (see elise.data.datamodule), whatever Lightning thinks
+    warnings.filterwarnings("ignore", message=".*is not resumable.*")
+    try:
+        metrics = train(cfg)
+    except user_error_types() as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    name = cfg.get("optimized_metric")
+    return metrics.get(name) if name else None

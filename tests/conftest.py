@@ -1,0 +1,48 @@
+"""Shared fixtures: offline environment, a session code cache, and the fast training config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the network (the hub code paths resolve from the cache or fail fast).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+# A smaller tiny model (the audio tables dominate: 32 x 2051 x dim) keeps CPU steps and checkpoints small.
+SMALL_MODEL = [
+    "model.backbone.dim=32",
+    "model.backbone.head_dim=8",
+    "model.backbone.mlp_hidden=64",
+    "model.decoder.dim=16",
+    "model.decoder.head_dim=4",
+    "model.decoder.mlp_hidden=32",
+]
+
+
+@pytest.fixture(scope="session")
+def code_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Mimi-code cache for the whole session (the sample clips are encoded once)."""
+    return tmp_path_factory.mktemp("elise_cache")
+
+
+@pytest.fixture(scope="session")
+def fast_overrides(code_cache: Path) -> list[str]:
+    """experiment=demo made fast: small model, CSV only, no progress bar, every step logged."""
+    return [
+        "experiment=demo",
+        # one torch thread: tiny models on a busy 2-core machine otherwise oversubscribe OpenMP
+        # (measured: a 6-step run took 60 s with the default 2 threads, 2 s with one)
+        "threads=1",
+        "logger=csv",
+        f"paths.cache_dir={code_cache}",
+        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        "callbacks.audio_samples.max_frames=4",
+        *SMALL_MODEL,
+    ]
