@@ -189,22 +189,32 @@ def _hub_file(repo: str, filename: str) -> Path:
     HF_HUB_CACHE and HF_HUB_OFFLINE are read here rather than at huggingface_hub's import, so a
     process (or test) that sets them later is honoured.
     """
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download
 
     env = os.environ.get("HF_HUB_OFFLINE", "").upper()
     offline = constants.HF_HUB_OFFLINE or env in {"1", "ON", "YES", "TRUE"}
+    cache_dir = os.environ.get("HF_HUB_CACHE")
     try:
-        return Path(
-            hf_hub_download(
-                repo, filename, cache_dir=os.environ.get("HF_HUB_CACHE"), local_files_only=offline
-            )
-        )
+        # the released Mimi file never changes: a cached copy is used without asking the hub
+        return Path(hf_hub_download(repo, filename, cache_dir=cache_dir, local_files_only=True))
+    except Exception as err:
+        if offline:
+            raise _unavailable(repo, filename, err, offline) from err
+    try:
+        # one quick metadata call first: an unreachable hub fails here in well under a second,
+        # instead of after huggingface_hub's ~30 s of download retries
+        HfApi().model_info(repo, timeout=10)
+        return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
     except Exception as err:  # offline, 401/404, network errors: all mean "no weights from the hub"
-        raise CodecUnavailable(
-            f"cannot fetch Mimi weights {repo}/{filename} from the Hugging Face hub ({type(err).__name__}"
-            f"{', offline' if offline else ''}); pass codec.weights=<local .safetensors file> "
-            "or use codec=mimi_random (random weights, noise audio)"
-        ) from err
+        raise _unavailable(repo, filename, err, offline) from err
+
+
+def _unavailable(repo: str, filename: str, err: Exception, offline: bool) -> CodecUnavailable:
+    return CodecUnavailable(
+        f"cannot fetch Mimi weights {repo}/{filename} from the Hugging Face hub ({type(err).__name__}"
+        f"{', offline' if offline else ''}); pass codec.weights=<local .safetensors file> "
+        "or use codec=mimi_random (random weights, noise audio)"
+    )
 
 
 def _moshi_version() -> str:
