@@ -47,8 +47,9 @@ def median(xs: list[float]) -> float:
 
 def memory_bandwidth(mib: int = 1024, reps: int = 5) -> float:
     """Memory read bandwidth in GB/s: the median time of summing a ``mib`` MiB fp32 tensor (far larger
-    than the caches), the same access pattern as a matrix-vector product streaming its weights."""
-    x = torch.ones(mib * 1024 * 1024 // 4)
+    than the caches), the same access pattern as a matrix-vector product streaming its weights.
+    Random contents: a VM may merge identical pages (a tensor of ones then reads from cache, 2x too fast)."""
+    x = torch.rand(mib * 1024 * 1024 // 4, generator=torch.Generator().manual_seed(0))
     x.sum()  # touch every page first
     times = []
     for _ in range(reps):
