@@ -47,9 +47,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"refusing to load {path}: it holds code or objects that are not plain data ({first})") from e
+        raise CheckpointError(
+            f"refusing to load {path}: it holds code or objects that are not plain data ({first})"
+        ) from e
     except Exception as e:  # torch raises many types for truncated/garbage files (EOFError, KeyError, ...)
-        raise CheckpointError(f"unreadable checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}") from e
+        raise CheckpointError(
+            f"unreadable checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}"
+        ) from e
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not an elise checkpoint (no state_dict)")
     return ckpt
@@ -71,7 +75,9 @@ def load_elise_checkpoint(path: str | Path, map_location: str | torch.device = "
     state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     meta = {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "hyper_parameters": hp}
     return Loaded(model.to(map_location).eval(), tokenizer_from_checkpoint(ckpt), "elise", meta)
 

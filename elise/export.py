@@ -18,7 +18,10 @@ from elise.interop import export_transformers_dir
 def main(argv: list[str]) -> int:
     args = dict(a.split("=", 1) for a in argv if "=" in a)
     if "ckpt" not in args or "out" not in args:
-        print("usage: python -m elise.export ckpt=<checkpoint> out=<dir> [codec_config=<config.json>]", file=sys.stderr)
+        print(
+            "usage: python -m elise.export ckpt=<checkpoint> out=<dir> [codec_config=<config.json>]",
+            file=sys.stderr,
+        )
         return 2
     try:
         loaded = load_model(args["ckpt"])

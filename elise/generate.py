@@ -61,6 +61,13 @@ class FrameGenerator:
         self.pads: Tensor | None = None
         self.h: Tensor | None = None  # [B, Db] hidden state predicting the next frame
 
+    @property
+    def hidden(self) -> Tensor:
+        """The backbone hidden state [B, Db] that predicts the next frame (set by ``prefill``/``advance``)."""
+        if self.h is None:
+            raise RuntimeError("FrameGenerator: call prefill() before decoding a frame")
+        return self.h
+
     def _key_mask(self, s: int) -> Tensor | None:
         """Bool [B, 1, s, keys] hiding left padding (None when there is none)."""
         if self.pads is None or not bool(self.pads.any()):
@@ -148,7 +155,7 @@ def generate(
     lengths = torch.full((b,), -1, dtype=torch.long)
     frames = []
     for f in range(total):
-        codes = gen.decode_frame(gen.h)  # [B, 32]
+        codes = gen.decode_frame(gen.hidden)  # [B, 32]
         frames.append(codes.cpu())
         eos = (codes == EOS_CODE).all(-1).cpu() if stop_on_eos else torch.zeros(b, dtype=torch.bool)
         newly = (lengths < 0) & (eos | (f + 1 >= limits))

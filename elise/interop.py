@@ -115,7 +115,9 @@ def _stack_to_transformers(t: TransformerConfig) -> dict[str, Any]:
     }
 
 
-def config_to_transformers(cfg: CSMConfig, tokenizer: Tokenizer | None = None, codec_config=None) -> dict[str, Any]:
+def config_to_transformers(
+    cfg: CSMConfig, tokenizer: Tokenizer | None = None, codec_config=None
+) -> dict[str, Any]:
     """A ``CsmConfig`` dict for ``cfg`` (via transformers when installed, so defaults are filled in)."""
     from transformers import CsmConfig
 
@@ -157,7 +159,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
                 state.update(load_file(path / f))
             return state
     except Exception as e:  # safetensors raises its own error types for truncated files
-        raise CheckpointError(f"unreadable weights in {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        raise CheckpointError(
+            f"unreadable weights in {path}: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
     raise CheckpointError(f"{path} has config.json but no model.safetensors (or index)")
 
 
@@ -177,13 +181,17 @@ def load_transformers_dir(path: str | Path, map_location: str | torch.device = "
             state[ours] = value.float()
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     if (path / "tokenizer.json").is_file():
         tokenizer: Tokenizer = HFTokenizer(path / "tokenizer.json")
     else:
         log.warning("%s has no tokenizer.json: using the byte-level tokenizer", path)
         tokenizer = ByteTokenizer()
-    return Loaded(model.to(map_location).eval(), tokenizer, "transformers", {"config": raw, "path": str(path)})
+    return Loaded(
+        model.to(map_location).eval(), tokenizer, "transformers", {"config": raw, "path": str(path)}
+    )
 
 
 def export_transformers_dir(
@@ -210,7 +218,12 @@ def byte_tokenizer_json() -> str:
     alphabet = ByteLevel.alphabet()
     byte_to_char = {b: c for b, c in zip(range(256), _bytes_to_unicode(), strict=True)}
     assert set(byte_to_char.values()) == set(alphabet)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{byte_to_char[b]: b + ByteTokenizer.offset for b in range(256)}}
+    vocab = {
+        "<pad>": 0,
+        "<s>": 1,
+        "</s>": 2,
+        **{byte_to_char[b]: b + ByteTokenizer.offset for b in range(256)},
+    }
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -223,7 +236,11 @@ def byte_tokenizer_json() -> str:
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable character map (what ByteLevel pre-tokenization produces)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

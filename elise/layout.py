@@ -46,7 +46,9 @@ def eos_codes(frames: int = 1) -> Tensor:
     return torch.full((NUM_CODEBOOKS, frames), EOS_CODE, dtype=torch.long)
 
 
-def segment_rows(text_ids: Tensor | list[int], codes: Tensor | None, eos: bool = True) -> tuple[Tensor, Tensor]:
+def segment_rows(
+    text_ids: Tensor | list[int], codes: Tensor | None, eos: bool = True
+) -> tuple[Tensor, Tensor]:
     """Text rows, then audio rows of ``codes`` [32, T] (if given), then the EOS row (if ``eos``)."""
     parts = [text_rows(text_ids)]
     if codes is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from elise.codec import CodecUnavailable, build_codec
+from elise.config import to_dict
 from elise.data.items import PreparedData
 from elise.data.prepare import prepare
 from elise.data.sources import DataUnavailable
@@ -27,9 +28,7 @@ USER_ERRORS = (DataUnavailable, CodecUnavailable, OSError, ValueError, ImportErr
 def run(cfg: DictConfig) -> PreparedData:
     """Build the tokenizer and codec named by ``cfg`` and prepare ``cfg.data``."""
     tokenizer = build_tokenizer(cfg.get("tokenizer"))
-    codec_cfg = OmegaConf.to_container(cfg.codec, resolve=True)
-    assert isinstance(codec_cfg, dict)
-    codec = build_codec(**codec_cfg)
+    codec = build_codec(**to_dict(cfg.codec))
     data = prepare(cfg.data, codec, tokenizer, progress=True)
     print(f"codes cached in {data.cache_dir} (report: {data.cache_dir}/prepare_report.json)")
     return data

@@ -40,7 +40,7 @@ class HFTokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        self.path = path
+        self.path: Path | None = path  # None when built from a JSON string
         self.json = path.read_text(encoding="utf-8")
         self._tok = Tokenizer.from_str(self.json)
         self.vocab_size = self._tok.get_vocab_size()

@@ -28,17 +28,28 @@ def compute() -> dict:
     g = torch.Generator().manual_seed(5)
     tok = ByteTokenizer()
     rows = [
-        segment_rows(encode_prompt(tok, "Hello there.", 0), torch.randint(0, 2048, (NUM_CODEBOOKS, 7), generator=g)),
-        segment_rows(encode_prompt(tok, "Hi <laughs>", 1), torch.randint(0, 2048, (NUM_CODEBOOKS, 4), generator=g)),
+        segment_rows(
+            encode_prompt(tok, "Hello there.", 0), torch.randint(0, 2048, (NUM_CODEBOOKS, 7), generator=g)
+        ),
+        segment_rows(
+            encode_prompt(tok, "Hi <laughs>", 1), torch.randint(0, 2048, (NUM_CODEBOOKS, 4), generator=g)
+        ),
     ]
     tokens, mask = pad_rows(rows)
     with torch.no_grad():
         out = csm_loss(model, tokens, mask, decoder_fraction=0.5, generator=torch.Generator().manual_seed(0))
         h = model.backbone_hidden(tokens, mask)
         prompt_t, prompt_m = segment_rows(encode_prompt(tok, "Golden.", 0), None, eos=False)
-        greedy, _ = generate(model, prompt_t[None], prompt_m[None], 4, SamplingConfig(1.0, 1), stop_on_eos=False)
+        greedy, _ = generate(
+            model, prompt_t[None], prompt_m[None], 4, SamplingConfig(1.0, 1), stop_on_eos=False
+        )
         sampled, _ = generate(
-            model, prompt_t[None], prompt_m[None], 3, SamplingConfig(0.8, 20), torch.Generator().manual_seed(9),
+            model,
+            prompt_t[None],
+            prompt_m[None],
+            3,
+            SamplingConfig(0.8, 20),
+            torch.Generator().manual_seed(9),
             stop_on_eos=False,
         )
     return {

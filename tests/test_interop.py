@@ -16,26 +16,57 @@ from elise.text import ByteTokenizer, HFTokenizer
 
 transformers = pytest.importorskip("transformers")
 ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
 }
 SPARE = [2048, 2049, 2050]
 
 
 def tiny_csm_config():
     mimi = transformers.MimiConfig(
-        hidden_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=32,
-        intermediate_size=64, num_filters=8, codebook_dim=16, num_quantizers=32,
-        vector_quantization_hidden_dimension=16, upsample_groups=64,
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=64,
+        num_filters=8,
+        codebook_dim=16,
+        num_quantizers=32,
+        vector_quantization_hidden_dimension=16,
+        upsample_groups=64,
     )
     decoder = dict(
-        num_hidden_layers=2, hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=96, backbone_hidden_size=64, rope_parameters=ROPE, num_codebooks=32, vocab_size=2051,
+        num_hidden_layers=2,
+        hidden_size=48,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=96,
+        backbone_hidden_size=64,
+        rope_parameters=ROPE,
+        num_codebooks=32,
+        vocab_size=2051,
     )
     return transformers.CsmConfig(
-        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=128, text_vocab_size=259, rope_parameters=ROPE, depth_decoder_config=decoder,
-        codec_config=mimi.to_dict(), bos_token_id=1, pad_token_id=0, audio_token_id=3, audio_eos_token_id=4,
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        text_vocab_size=259,
+        rope_parameters=ROPE,
+        depth_decoder_config=decoder,
+        codec_config=mimi.to_dict(),
+        bos_token_id=1,
+        pad_token_id=0,
+        audio_token_id=3,
+        audio_eos_token_id=4,
     )
 
 
@@ -88,7 +119,9 @@ def test_logits_and_loss_equal_transformers(reference):
         h_ref = ref.backbone_model(inputs_embeds=emb).last_hidden_state
         h = model.backbone_hidden(tokens, mask)
         real = mask.any(-1)  # compare real rows (pad rows differ only by masking convention)
-        torch.testing.assert_close(model.codebook0_head(h)[real], ref.lm_head(h_ref)[real], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            model.codebook0_head(h)[real], ref.lm_head(h_ref)[real], atol=1e-4, rtol=1e-4
+        )
 
         codes = tokens[0, 6:12, :32]  # frames; decoder input [h, c0..c30]
         ids = torch.nn.functional.pad(codes[:, :-1], (1, 0))
@@ -104,8 +137,12 @@ def test_logits_and_loss_equal_transformers(reference):
 
 def reference_greedy(ref, text_ids, frames):
     out = ref.generate(
-        input_ids=torch.tensor([text_ids]), max_new_tokens=frames, do_sample=False, depth_decoder_do_sample=False,
-        suppress_tokens=SPARE, depth_decoder_suppress_tokens=SPARE,
+        input_ids=torch.tensor([text_ids]),
+        max_new_tokens=frames,
+        do_sample=False,
+        depth_decoder_do_sample=False,
+        suppress_tokens=SPARE,
+        depth_decoder_suppress_tokens=SPARE,
     )
     return out[0].t()  # [32, F]
 
@@ -123,7 +160,9 @@ def test_greedy_generation_equals_transformers(reference):
 
 def test_export_roundtrip_loads_in_transformers(reference, tmp_path):
     ref, _, loaded = reference
-    out = export_transformers_dir(loaded.model, loaded.tokenizer, tmp_path / "exported", ref.config.codec_config.to_dict())
+    out = export_transformers_dir(
+        loaded.model, loaded.tokenizer, tmp_path / "exported", ref.config.codec_config.to_dict()
+    )
     back, info = transformers.CsmForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     not_codec = lambda keys: [k for k in keys if not k.startswith("codec_model.")]  # noqa: E731
     assert not_codec(info["missing_keys"]) == [] and not_codec(info["unexpected_keys"]) == []

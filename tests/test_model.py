@@ -62,9 +62,17 @@ def test_llama3_rope_scaling_matches_transformers():
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    scaling = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    scaling = {
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     cfg = LlamaConfig(
-        hidden_size=1536, num_attention_heads=12, head_dim=128, max_position_embeddings=2048,
+        hidden_size=1536,
+        num_attention_heads=12,
+        head_dim=128,
+        max_position_embeddings=2048,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **scaling},
     )
     ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
@@ -169,7 +177,9 @@ def test_cached_generation_equals_uncached_forward():
     model = tiny_model(seed=1)
     tokens, mask = prompt(0, 6, 3)
     with torch.no_grad():
-        codes, lengths = generate(model, tokens[None], mask[None], 10, SamplingConfig(1.0, 1), stop_on_eos=False)
+        codes, lengths = generate(
+            model, tokens[None], mask[None], 10, SamplingConfig(1.0, 1), stop_on_eos=False
+        )
         assert codes.shape == (1, 32, 10) and lengths.tolist() == [10]
         ref = teacher_forced_greedy(model, tokens, mask, codes[0])
     torch.testing.assert_close(codes[0], ref)
@@ -203,7 +213,13 @@ def test_seeded_sampling_is_deterministic():
     model = tiny_model(seed=4)
     tokens, mask = prompt(0, 4, 2)
     run = lambda s: generate(  # noqa: E731
-        model, tokens[None], mask[None], 5, SamplingConfig(0.9, 50), torch.Generator().manual_seed(s), stop_on_eos=False
+        model,
+        tokens[None],
+        mask[None],
+        5,
+        SamplingConfig(0.9, 50),
+        torch.Generator().manual_seed(s),
+        stop_on_eos=False,
     )[0]
     torch.testing.assert_close(run(7), run(7))
     assert not torch.equal(run(7), run(8))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import ctypes
 import os
 import platform
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ def set_threads(n: int) -> None:
 
 
 def alternate(
-    cases: dict[str, Callable[[], float | None]], reps: int, warmup: int = 1
+    cases: Mapping[str, Callable[[], float | None]], reps: int, warmup: int = 1
 ) -> dict[str, list[float]]:
     """Run every case once per repetition, in turn (so slow drifts of the machine hit all sides alike).
 
@@ -59,6 +60,14 @@ def memory_bandwidth(mib: int = 1024, reps: int = 5) -> float:
     return x.numel() * 4 / median(times) / 1e9
 
 
+def _release_free_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -73,6 +82,7 @@ class PeakRSS:
         self.interval, self.peak_bytes, self._stop = interval, 0, threading.Event()
 
     def __enter__(self) -> PeakRSS:
+        _release_free_heap()  # freed-but-held heap would hide new allocations from RSS
         self.base = self.top = _rss_bytes()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()

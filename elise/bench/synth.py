@@ -87,7 +87,7 @@ def teacher_forced_agreement(model: CSM, tokens, mask, reference: torch.Tensor) 
     gen.prefill(tokens[None], mask[None])
     same_frames, same_codes = 0, 0
     for f in range(reference.shape[1]):
-        codes = gen.decode_frame(gen.h)[0]  # [32]
+        codes = gen.decode_frame(gen.hidden)[0]  # [32]
         same_codes += int((codes == reference[:, f]).sum())
         same_frames += int(torch.equal(codes, reference[:, f]))
         gen.advance(reference[None, :, f])
@@ -116,7 +116,7 @@ def transformers_model(model: CSM, workdir: str):
 class _Stamps:
     """A transformers streamer that timestamps every frame ``generate`` emits."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.times: list[float] = []
 
     def put(self, value) -> None:

@@ -93,19 +93,22 @@ def bench_train_preset(preset: str, rows: int, items: int, fractions: tuple[floa
         name = f"elise_f{f:.4g}"
         extra[name] = {}
         g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-        cases[name] = step_case(
-            model,
-            lambda f=f, g=g: csm_loss(model, tokens, mask, decoder_fraction=f, generator=g()).loss,
-            rows,
-            extra[name],
-        )
+
+        def elise_loss(f: float = f, g: Callable[[], torch.Generator] = g) -> torch.Tensor:
+            return csm_loss(model, tokens, mask, decoder_fraction=f, generator=g()).loss
+
+        cases[name] = step_case(model, elise_loss, rows, extra[name])
         if ref is not None:
             rname = f"transformers_f{f:.4g}"
             extra[rname] = {}
             embed, labels = transformers_inputs(ref, tokens, mask, f)
-            cases[rname] = step_case(
-                ref, lambda e=embed, lab=labels: ref(inputs_embeds=e(), labels=lab).loss, rows, extra[rname]
-            )
+
+            def ref_loss(
+                r: torch.nn.Module = ref, e: Callable[[], torch.Tensor] = embed, lab: torch.Tensor = labels
+            ) -> torch.Tensor:
+                return r(inputs_embeds=e(), labels=lab).loss
+
+            cases[rname] = step_case(ref, ref_loss, rows, extra[rname])
     times = alternate(cases, reps, warmup=0)
     res: dict[str, Any] = {"rows": rows, "items": items, "reps": reps, "cases": {}}
     for name, ts in times.items():

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from elise.codec.base import Codec
@@ -25,6 +26,7 @@ def build_codec(name: str, **kwargs: Any) -> Codec:
 
     Moshi is imported only for the Mimi codecs, so ``tiny`` stays light.
     """
+    factory: Callable[..., Codec]
     if name == "tiny":
         from elise.codec.tiny import TinyCodec as factory
     elif name == "mimi":

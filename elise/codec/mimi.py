@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
@@ -21,6 +22,9 @@ from torch import Tensor
 from elise.codec import CodecUnavailable
 from elise.codec.base import Codec
 from elise.codec.common import check_codes, check_wav, frames_from_lengths, pad_to_frames
+
+if TYPE_CHECKING:  # moshi is imported lazily at run time (only the Mimi codecs need it)
+    from moshi.models.compression import MimiModel
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +37,7 @@ RANDOM_INIT_VERSION = 1  # bump when random_mimi's recipe changes
 class MimiCodec(Codec):
     """Wraps a ``moshi.models.compression.MimiModel``: fp32, eval mode, no grad, batched encode."""
 
-    def __init__(
-        self, model: torch.nn.Module, identity: str, batch_size: int = 8, random_weights: bool = False
-    ):
+    def __init__(self, model: MimiModel, identity: str, batch_size: int = 8, random_weights: bool = False):
         super().__init__()
         self.model = model.float().eval()
         self.num_codebooks = int(model.num_codebooks)
@@ -139,7 +141,7 @@ def build_mimi_random(
     return MimiCodec(model, identity, batch_size, random_weights=True)
 
 
-def random_mimi(seed: int, num_codebooks: int = 32, device: str = "cpu") -> torch.nn.Module:
+def random_mimi(seed: int, num_codebooks: int = 32, device: str = "cpu") -> MimiModel:
     """A moshi ``MimiModel`` with seeded random weights and codebooks scaled so that codes vary.
 
     Moshi's codebooks start at zero (EMA buffers filled by k-means in training), which would make every
@@ -147,7 +149,8 @@ def random_mimi(seed: int, num_codebooks: int = 32, device: str = "cpu") -> torc
     on a seeded calibration signal, so every level splits its input among many entries.
     """
     from moshi.models import loaders
-    from moshi.quantization.core_vq import EuclideanCodebook
+    from moshi.quantization.core_vq import EuclideanCodebook, VectorQuantization
+    from moshi.quantization.vq import SplitResidualVectorQuantizer
 
     with torch.random.fork_rng(devices=[]):  # seed moshi's default init without touching global RNG
         torch.manual_seed(seed)
@@ -156,9 +159,11 @@ def random_mimi(seed: int, num_codebooks: int = 32, device: str = "cpu") -> torc
     wav = 0.1 * torch.randn(2, 1, 12 * 1920, generator=gen)  # [2, 1, N] calibration noise
     with torch.no_grad():
         emb = model._encode_to_unquantized_latent(wav)  # [2, 512, 12]
-        for rvq in (model.quantizer.rvq_first, model.quantizer.rvq_rest):
+        quantizer = cast(SplitResidualVectorQuantizer, model.quantizer)  # typed as BaseQuantizer
+        for rvq in (quantizer.rvq_first, quantizer.rvq_rest):
             residual = rvq.input_proj(emb)  # [2, 256, 12]
-            for layer in rvq.vq.layers:
+            for module in rvq.vq.layers:
+                layer = cast(VectorQuantization, module)  # nn.ModuleList yields plain Modules
                 book: EuclideanCodebook = layer._codebook
                 r = layer.project_in(layer._rearrange_input(residual)).flatten(0, 1)  # [N, D]
                 noise = torch.randn(book.embedding_sum.shape, generator=gen)  # [2048, D]

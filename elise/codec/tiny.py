@@ -29,6 +29,9 @@ class TinyCodec(Codec):
     """
 
     random_weights = True
+    # buffers made by register_buffer (declared so type checkers see Tensors, not Tensor | Module)
+    proj: Tensor  # [1920, D]
+    codebooks: Tensor  # [K, 2048, D]
 
     def __init__(
         self,

@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from omegaconf import OmegaConf
-
-from elise.config import compose
+from elise.config import compose, to_dict
 from elise.model import build_model
 
 
 def main(argv: list[str]) -> None:
     cfg = compose("train", [a for a in argv if a.startswith("model")] or ["model=tiny"])
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg = to_dict(cfg.model)
     import torch
 
     with torch.device("meta"):  # counts need no memory

@@ -7,7 +7,8 @@ weights map one to one. The rotation is the "rotate half" convention transformer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,9 @@ class FusedMatmul:
         return x @ self.wt
 
 
-def fast_path(module: nn.Module, name: str):
+def fast_path(module: nn.Module, name: str) -> Callable[..., Tensor] | None:
     """The inference-only replacement ``name`` (fused or int8 matmul) when gradients are off, else None."""
-    fast = module.__dict__.get("fast")
+    fast: dict[str, Callable[..., Tensor]] | None = module.__dict__.get("fast")
     if not fast or torch.is_grad_enabled():
         return None
     return fast.get(name)
@@ -185,6 +186,10 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of blocks + final RMSNorm, over input embeddings [B, S, dim] -> hidden [B, S, dim]."""
 
+    # buffers made by register_buffer (declared so type checkers see Tensors, not Tensor | Module)
+    rope_cos: Tensor
+    rope_sin: Tensor
+
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.cfg = cfg
@@ -197,10 +202,14 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
         self.gradient_checkpointing = False
 
+    def blocks(self) -> Iterator[Block]:
+        """The blocks of ``layers``, typed (nn.ModuleList yields plain Modules)."""
+        return (cast(Block, block) for block in self.layers)
+
     def fuse(self) -> Transformer:
         """Fuse q/k/v and gate/up into one [K, N] matmul each for inference (used only when gradients
         are off; weights, state_dict names and training are unchanged). Call after ``.to(device)``."""
-        for block in self.layers:
+        for block in self.blocks():
             attn, mlp = block.self_attn, block.mlp
             if "qkv" not in attn.fast:
                 attn.fast["qkv"] = FusedMatmul([attn.q_proj, attn.k_proj, attn.v_proj])

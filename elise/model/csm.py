@@ -18,6 +18,8 @@ class CSM(nn.Module):
     """Backbone over 33-column rows predicts codebook 0 of the next row; the depth decoder predicts
     codebooks 1..31 of that row from [h_t, emb_0(c_0), ..., emb_30(c_30)]."""
 
+    audio_offsets: Tensor  # [num_codebooks] buffer (register_buffer), declared for type checkers
+
     def __init__(self, cfg: CSMConfig):
         super().__init__()
         self.cfg = cfg

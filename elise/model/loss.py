@@ -44,12 +44,16 @@ class LossOutput:
         return torch.cat([acc0, rest.to(acc0.device)])
 
 
-def select_decoder_frames(num_frames: int, fraction: float, generator: torch.Generator | None, device) -> Tensor:
+def select_decoder_frames(
+    num_frames: int, fraction: float, generator: torch.Generator | None, device
+) -> Tensor:
     """Indices of the frames the decoder trains on: ceil(fraction * N) of them, at least 1, at random."""
     if fraction >= 1.0 or num_frames == 0:
         return torch.arange(num_frames, device=device)
     k = max(1, int(round(fraction * num_frames)))
-    perm = torch.randperm(num_frames, generator=generator, device="cpu" if generator is None else generator.device)
+    perm = torch.randperm(
+        num_frames, generator=generator, device="cpu" if generator is None else generator.device
+    )
     return perm[:k].sort().values.to(device)
 
 

@@ -69,7 +69,7 @@ def quantize_int8(model: CSM) -> CSM:
     decoder-input projection and both heads. Embeddings, norms and RoPE stay fp32. In place; returns
     ``model``. Call after ``.to(device)``; training (gradients on) still uses the fp32 weights."""
     for stack in (model.backbone, model.decoder):
-        for block in stack.layers:
+        for block in stack.blocks():
             attn, mlp = block.self_attn, block.mlp
             attn.fast["qkv"] = Int8Matmul([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             attn.fast["o"] = Int8Matmul([attn.o_proj.weight])
@@ -85,7 +85,7 @@ def dequantize(model: CSM) -> CSM:
     """Drop the int8 replacements (back to fp32 inference). In place; returns ``model``."""
     modules: list[nn.Module] = [model]
     for stack in (model.backbone, model.decoder):
-        for block in stack.layers:
+        for block in stack.blocks():
             modules += [block.self_attn, block.mlp]
     for m in modules:
         m.__dict__["fast"] = {}
