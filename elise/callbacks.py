@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,7 +40,39 @@ class StepCheckpoint(ModelCheckpoint):
 
     Lightning's own ``save_last`` skips the save at the end of training once any checkpoint was
     written (e.g. every 10k steps with max_steps=15k leaves last.ckpt at step 10k).
+
+    ``keep_last=K`` keeps only the K newest step checkpoints of ``dirpath`` (files matching
+    ``filename``; ``last``, ``best`` and SIGTERM checkpoints are not step checkpoints), those of an
+    earlier run that is being resumed included; ``None`` keeps them all.
     """
+
+    def __init__(self, *args: Any, keep_last: int | None = None, **kwargs: Any):
+        # a resumed run that redoes step N (e.g. after falling back from a corrupt checkpoint)
+        # overwrites stepN.ckpt and last.ckpt with the same state instead of adding "-v1" copies
+        kwargs.setdefault("enable_version_counter", False)
+        super().__init__(*args, **kwargs)
+        if keep_last is not None and int(keep_last) < 1:
+            raise ValueError(f"callbacks.checkpoint.keep_last must be >= 1 or null, got {keep_last}")
+        self.keep_last = None if keep_last is None else int(keep_last)
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep_last is not None and Path(filepath).stem != self.CHECKPOINT_NAME_LAST:
+            self._prune(trainer)
+
+    def _prune(self, trainer: pl.Trainer) -> None:
+        pattern = re.sub(r"\{[^}]*\}", "*", self.filename or "*") + self.FILE_EXTENSION
+        steps = [p for p in Path(str(self.dirpath)).glob(pattern) if not p.is_symlink()]
+        steps.sort(key=lambda p: (p.stat().st_mtime, p.name))
+        keep = {str(p) for p in steps[-self.keep_last :]} if self.keep_last else set()
+        for old in steps:
+            if str(old) not in keep and not self._links_to(old):
+                trainer.strategy.remove_checkpoint(str(old))  # rank 0 only
+
+    def _links_to(self, path: Path) -> bool:
+        """``last.ckpt`` may be a symlink to a step checkpoint (``save_last: link``): keep its target."""
+        last = Path(str(self.dirpath)) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        return last.is_symlink() and last.resolve() == path.resolve()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (

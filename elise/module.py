@@ -24,6 +24,8 @@ from elise.model import CSMConfig, build_model
 from elise.model.loss import LossOutput, csm_loss
 from elise.optim import build_optimizer, optim_settings
 
+DEFAULT_MAX_BAD_STEPS = 20  # consecutive non-finite steps before training stops (optim.max_bad_steps)
+
 LOSS_DEFAULTS: dict[str, float] = {
     "decoder_fraction": 1 / 16,
     "val_decoder_fraction": 1.0,  # validation scores every frame: exact, comparable per-codebook numbers
@@ -130,6 +132,12 @@ class EliseModule(pl.LightningModule):
         self.tokens_seen = 0  # non-padding rows, all ranks, up to the last log
         self._pending_tokens = 0  # this rank's rows since the last log
         self._micro = (-1, 0)  # (global_step, micro-batch index) for accumulation
+        # non-finite guard: a step whose loss or gradient is NaN/Inf is skipped (counted); after
+        # max_bad_steps in a row training stops (nonfinite_stop holds the message)
+        self.max_bad_steps = int(self.optim_cfg.get("max_bad_steps", DEFAULT_MAX_BAD_STEPS))
+        self.skipped_steps = 0
+        self.bad_streak = 0
+        self.nonfinite_stop: str | None = None
 
     def freeze_backbone(self) -> None:
         """Freeze the backbone blocks and text embeddings (audio embeddings are shared with the decoder)."""
@@ -224,6 +232,40 @@ class EliseModule(pl.LightningModule):
         opt, sched = build_optimizer(self.model, self.optim_cfg, self.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip an optimizer step whose (accumulated, unscaled) gradients hold NaN/Inf.
+
+        Runs after the backward of the last micro-batch and before gradient clipping. A NaN loss
+        gives NaN gradients, so checking the gradients covers both. The flag is summed over ranks
+        (FSDP shards gradients; every rank must skip together). Skipping sets every gradient to
+        None: AdamW then leaves those parameters and their moments untouched (no weight decay
+        either), so a skipped step changes nothing but the step counter and the lr schedule.
+        Under 16-mixed the GradScaler already skips overflowing steps; they are counted only.
+        """
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        bad = torch.zeros((), device=self.device)
+        if grads:
+            peak = torch.stack(torch._foreach_norm(grads, float("inf")))  # [n] max |g| per tensor
+            bad = (~peak.isfinite().all()).float().to(self.device)
+        bad = self.trainer.strategy.reduce(bad, reduce_op="sum")  # a collective: every rank calls it
+        if float(bad) > 0:
+            if getattr(self.trainer.precision_plugin, "scaler", None) is None:
+                for p in self.parameters():
+                    p.grad = None
+            self.skipped_steps += 1
+            self.bad_streak += 1
+            if self.bad_streak >= self.max_bad_steps > 0:
+                first = self.global_step - self.bad_streak + 1
+                self.nonfinite_stop = (
+                    f"stopped: {self.bad_streak} consecutive steps (from step {first}) had a NaN/Inf "
+                    f"loss or gradient (optim.max_bad_steps={self.max_bad_steps}); the weights are "
+                    f"those from before step {first}"
+                )
+                self.trainer.should_stop = True
+        else:
+            self.bad_streak = 0
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
     # ---- checkpoint extras -------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -232,10 +274,12 @@ class EliseModule(pl.LightningModule):
         world = self.trainer.world_size if self._trainer is not None else 1
         checkpoint["elise_tokens_seen"] = int(self.tokens_seen + self._pending_tokens * world)
         checkpoint["elise_rng"] = rng_state()
+        checkpoint["elise_nonfinite"] = [self.skipped_steps, self.bad_streak]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_json = checkpoint.get("elise_tokenizer_json", self.tokenizer_json)
         self.tokens_seen = int(checkpoint.get("elise_tokens_seen", 0))
+        self.skipped_steps, self.bad_streak = (int(v) for v in checkpoint.get("elise_nonfinite", [0, 0]))
         if self._trainer is not None and "elise_rng" in checkpoint:  # resuming, not loading for inference
             set_rng_state(checkpoint["elise_rng"])
 

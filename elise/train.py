@@ -7,6 +7,7 @@ fetched, a missing ``init_from``, a bad path) into one line on stderr and exit c
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from datetime import datetime
@@ -16,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -27,10 +29,15 @@ from elise.module import EliseModule
 log = logging.getLogger("elise.train")
 EXIT_USER_ERROR = 2
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a terminated job
+EXIT_NONFINITE = 3  # stopped after too many consecutive non-finite steps (a checkpoint was saved)
 
 
 class UserError(RuntimeError):
     """A configuration or input problem the user can fix (reported as one line, exit code 2)."""
+
+
+class NonFiniteStop(RuntimeError):
+    """Training stopped: ``optim.max_bad_steps`` consecutive steps had a NaN/Inf loss or gradient."""
 
 
 # ---- paths --------------------------------------------------------------------------------------
@@ -51,20 +58,100 @@ def run_dir_of(cfg: DictConfig) -> Path:
 
 
 def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
-    """``None``, a checkpoint file, or ``"last"``: the newest ``.ckpt`` under the run dir."""
+    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir.
+
+    Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
+    pickled code is refused with ``CheckpointError``). With ``last``, a truncated or corrupt newest
+    file is reported in one warning line and the previous one is used; temporary files of an
+    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``.
+    """
+    from elise.checkpoints import CheckpointError
+
     if spec is None:
         return None
     if str(spec) == "last":
-        found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
         if not found:
             raise UserError(
                 f"ckpt_path=last: no checkpoint under {run_dir} (set hydra.run.dir to the run to resume)"
             )
-        return str(found[-1])
+        for newer, path in enumerate(found):
+            try:
+                inspect_checkpoint(path)
+            except CheckpointError as err:
+                if newer + 1 < len(found):
+                    log.warning("ckpt_path=last: skipping %s (%s)", path, err)
+                    continue
+                raise CheckpointError(
+                    f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})"
+                ) from err
+            return str(path)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UserError(f"ckpt_path={spec}: no such checkpoint file")
+    inspect_checkpoint(path)
     return str(path)
+
+
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Open a checkpoint memory-mapped with ``weights_only=True`` (plain data only, weights not
+    read) and check it is a Lightning checkpoint; ``CheckpointError`` with one line otherwise."""
+    import pickle
+
+    from elise.checkpoints import CheckpointError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"refusing to load {path}: it holds code or objects that are not plain data ({first})"
+        ) from err
+    except Exception as err:  # truncated/garbage files raise many types (RuntimeError, EOFError, ...)
+        raise CheckpointError(
+            f"unreadable checkpoint {path} (truncated or not a checkpoint): {type(err).__name__}"
+        ) from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no state_dict / global_step)")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Local checkpoints written to ``.<name>.<pid>.tmp`` next to the target, fsynced, then renamed.
+
+    Lightning's own save (``_atomic_save``) goes through an fsspec transaction whose temporary
+    file lives in the system temp dir: on another filesystem the final "rename" is a copy (a kill
+    mid-copy leaves a partial ``.ckpt``), nothing is fsynced, and the whole checkpoint must fit in
+    /tmp. Here a crash, a kill or a full disk leaves the previous file intact. Remote paths
+    (``s3://``...) keep Lightning's behaviour.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
+            pass
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -159,7 +246,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
 
 def checkpoint_step(path: str) -> int:
     """global_step of a checkpoint (memory-mapped: the weights are not read)."""
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    return int(inspect_checkpoint(path).get("global_step", 0))
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
@@ -238,12 +325,19 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None) or False,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # the batch sampler is rank-aware already
+        plugins=[AtomicCheckpointIO()],  # tmp file + fsync + rename
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         saved = next((cb.saved for cb in all_callbacks if isinstance(cb, SaveOnSigterm) and cb.saved), None)
         raise SystemExit(EXIT_SIGTERM if saved else 1) from None
+    if module.nonfinite_stop:
+        # every skipped step left the weights and optimizer state as they were: this is the state
+        # from before the first bad step (saved whatever the checkpoint callbacks are)
+        path = run_dir / "checkpoints" / f"nonfinite-step{trainer.global_step:07d}.ckpt"
+        trainer.save_checkpoint(str(path), weights_only=False)
+        raise NonFiniteStop(f"{module.nonfinite_stop}; saved {path}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.is_global_zero:
         log.info("run dir: %s", run_dir)
@@ -283,6 +377,9 @@ def main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=".*is not resumable.*")
     try:
         metrics = train(cfg)
+    except NonFiniteStop as err:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NONFINITE) from None
     except user_error_types() as err:
         print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
