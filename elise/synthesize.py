@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from elise.config import to_dict
 from elise.synthesis.engine import Result, Settings, Synthesizer
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.inputs import collect_texts, output_paths
@@ -120,9 +121,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     loaded = load(cfg.ckpt, device)
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
-    codec_cfg = OmegaConf.to_container(cfg.codec, resolve=True)
-    assert isinstance(codec_cfg, dict)
-    codec = load_codec(codec_cfg, device, model.cfg.num_codebooks)
+    codec = load_codec(to_dict(cfg.codec), device, model.cfg.num_codebooks)
     load_seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s) and codec %s in %.2f s on %s",

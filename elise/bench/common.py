@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import ctypes
+import json
 import os
 import platform
 import statistics
@@ -62,10 +63,8 @@ def memory_bandwidth(mib: int = 1024, reps: int = 5) -> float:
 
 def _release_free_heap() -> None:
     """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _rss_bytes() -> int:

@@ -131,6 +131,7 @@ class EliseDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
+        assert self.train_set is not None
         sampler = self._sampler(self.train_set, shuffle=True)
         if self.train_sampler is not None:  # a reloaded dataloader keeps its position
             sampler.load_state_dict(self.train_sampler.state_dict())
@@ -143,6 +144,7 @@ class EliseDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             self.setup("validate")
+        assert self.val_set is not None
         return self._loader(self.val_set, self._sampler(self.val_set, shuffle=False))
 
     # ---- checkpoint state ----------------------------------------------------------------

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,7 @@ def data_settings(data_cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
     if not isinstance(data_cfg, dict):
         from omegaconf import OmegaConf
 
-        data_cfg = OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True)
+        data_cfg = cast(dict, OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True))
     cfg = dict(DEFAULTS)
     for key, value in dict(data_cfg or {}).items():
         if value is not None or DEFAULTS.get(key) is None:  # null keeps a non-null default
@@ -263,10 +263,10 @@ class _Run:
         device = _device(self.codec)
         with torch.no_grad():
             codes, frames = self.codec.encode(batch.to(device), lengths.to(device))  # [B, K, T], [B]
-        codes, frames = codes.cpu().numpy(), frames.cpu().tolist()
+        codes_np, lengths_f = codes.cpu().numpy(), frames.cpu().tolist()
         for i, key in enumerate(keys):
-            self.cache.save(key, codes[i, :, : frames[i]])  # [K, frames_i]
-            self.frames[key] = int(frames[i])
+            self.cache.save(key, codes_np[i, :, : lengths_f[i]])  # [K, frames_i]
+            self.frames[key] = int(lengths_f[i])
         self.encoded += len(keys)
 
 

@@ -93,7 +93,8 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
 
     def _pack(self, order: np.ndarray) -> list[list[int]]:
         """Greedy packing of indices sorted by ascending length (each new item is the longest)."""
-        batches, cur = [], []
+        batches: list[list[int]] = []
+        cur: list[int] = []
         for i, n in zip(order.tolist(), self.lengths[order].tolist(), strict=True):
             if cur and (len(cur) + 1 > self.max_samples or (len(cur) + 1) * n > self.max_tokens):
                 batches.append(cur)
