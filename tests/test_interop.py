@@ -188,3 +188,65 @@ def test_bad_directory_is_one_line_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="unreadable"):
         load_model(tmp_path)
+
+
+def test_synthesize_with_directory_checkpoint_equals_transformers_greedy(reference, tmp_path):
+    """synthesize.py ckpt=<transformers dir> top_k=1 writes the codes transformers' greedy generate gives."""
+    import numpy as np
+
+    from elise.config import compose
+    from elise.synthesize import run
+
+    ref, path, _ = reference
+    cfg = compose("synthesize", ["codec=tiny"])
+    out = tmp_path / "dir.wav"
+    for key, value in {
+        "ckpt": str(path), "text": "Hello there.", "top_k": 1, "seed": 0, "device": "cpu",
+        "max_audio_seconds": 0.8, "save_codes": True, "output": str(out),
+    }.items():  # fmt: skip
+        cfg[key] = value
+    [metrics] = run(cfg)
+    codes = np.load(out.with_name("dir.codes.npy"))  # [32, F]
+    expected = reference_greedy(ref, ByteTokenizer().encode("[0]Hello there."), 10)
+    assert codes.shape == (32, 10) and metrics["frames"] == 10
+    assert np.array_equal(codes, expected.numpy())
+
+
+def test_export_cli_writes_a_directory_transformers_loads(tmp_path):
+    import subprocess
+    import sys
+
+    from elise.model import build_model
+
+    model = build_model("tiny")
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "hyper_parameters": {"model": model.cfg.to_dict(), "tokenizer": "bytes"},
+        },
+        ckpt,
+    )
+    codec_cfg = tmp_path / "codec.json"
+    codec_cfg.write_text(json.dumps(tiny_csm_config().codec_config.to_dict()))
+    args = [
+        sys.executable,
+        "-m",
+        "elise.export",
+        f"ckpt={ckpt}",
+        f"out={tmp_path / 'out'}",
+        f"codec_config={codec_cfg}",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    back, info = transformers.CsmForConditionalGeneration.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert [k for k in info["missing_keys"] if not k.startswith("codec_model.")] == []
+    torch.testing.assert_close(back.lm_head.weight, model.codebook0_head.weight)
+    bad = subprocess.run(
+        [sys.executable, "-m", "elise.export", f"ckpt={tmp_path / 'nope.ckpt'}", "out=x"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not found" in bad.stderr
