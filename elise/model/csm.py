@@ -80,13 +80,18 @@ class CSM(nn.Module):
         """Teacher-forced depth decoder over N frames.
 
         h [N, d_backbone] hidden states that predict the frames; codes [N, 32] the true frames.
-        Returns logits [N, 31, audio_vocab] for codebooks 1..31.
+        Returns logits [N, 31, audio_vocab] for codebooks 1..31 (a view of ``decoder_logits_by_codebook``).
         """
+        return self.decoder_logits_by_codebook(h, codes).transpose(0, 1)
+
+    def decoder_logits_by_codebook(self, h: Tensor, codes: Tensor) -> Tensor:
+        """As ``decoder_logits`` but codebook-major, logits [31, N, V]: one batched matmul against the 31
+        heads, and the layout the loss reads without copying the (large) logits tensor."""
         emb = self.embed_codes(codes[:, :-1], slice(0, NUM_CODEBOOKS - 1))  # [N, 31, Db]
         x = torch.cat([h.unsqueeze(1), emb], dim=1)  # [N, 32, Db]
         out = self.decoder(self.projection(x))  # [N, 32, Dd]
         # output position k (1..31) times audio_head[k-1] predicts c_k
-        return torch.einsum("nkd,kdv->nkv", out[:, 1:], self.audio_head)  # [N, 31, V]
+        return torch.bmm(out[:, 1:].transpose(0, 1), self.audio_head)  # [31, N, V]
 
     # ---- single steps (generation) ----------------------------------------------------------------
     def project(self, x: Tensor) -> Tensor:

@@ -78,12 +78,16 @@ def csm_loss(
     backbone_loss = ce0.mean()
 
     idx = select_decoder_frames(n, decoder_fraction, generator, h.device)  # [M]
-    logits = model.decoder_logits(h_t[idx], frames[idx]).float()  # [M, 31, V]
+    logits = model.decoder_logits_by_codebook(h_t[idx], frames[idx]).float()  # [31, M, V]
     targets = frames[idx, 1:]  # [M, 31]
-    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # [M, 31]
+    v = logits.shape[-1]
+    # codebook-major throughout: no transposed copy of the [31, M, V] logits
+    ce = F.cross_entropy(logits.reshape(-1, v), targets.t().reshape(-1), reduction="none").view(
+        31, -1
+    )  # [31, M]
     decoder_loss = ce.mean()
 
-    per_cb = torch.cat([backbone_loss.detach().reshape(1), ce.detach().mean(0)])  # [32]
+    per_cb = torch.cat([backbone_loss.detach().reshape(1), ce.detach().mean(1)])  # [32]
     return LossOutput(
         loss=backbone_weight * backbone_loss + decoder_weight * decoder_loss,
         backbone_loss=backbone_loss,
@@ -91,7 +95,7 @@ def csm_loss(
         per_codebook_loss=per_cb,
         preds0=logits0.detach().argmax(-1),
         target0=frames[:, 0],
-        preds=logits.detach().argmax(-1),
+        preds=logits.detach().argmax(-1).t(),  # [M, 31]
         targets=targets,
         num_frames=n,
         num_decoder_frames=int(idx.numel()),
