@@ -24,6 +24,19 @@ SMALL_MODEL = [
 ]
 
 
+def checkpointing_run(steps: int) -> list[str]:
+    """Overrides for a short run that checkpoints every 2 steps (resume and kill tests)."""
+    return [
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=100",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.checkpoint.save_last=true",
+        "callbacks.best=null",
+        "callbacks.audio_samples=null",
+        "optim.warmup_steps=2",
+    ]
+
+
 @pytest.fixture(scope="session")
 def code_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One Mimi-code cache for the whole session (the sample clips are encoded once)."""

@@ -9,21 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import checkpointing_run
 
 from elise.config import compose
 from elise.train import AtomicCheckpointIO, resolve_ckpt_path, train
 from elise.train import main as train_main
 
 STEPS = 6
-BASE = [
-    f"trainer.max_steps={STEPS}",
-    "trainer.val_check_interval=100",
-    "callbacks.checkpoint.every_n_train_steps=2",
-    "callbacks.checkpoint.save_last=true",
-    "callbacks.best=null",
-    "callbacks.audio_samples=null",
-    "optim.warmup_steps=2",
-]
+BASE = checkpointing_run(STEPS)
 
 
 def run(tmp: Path, overrides: list[str], extra: list[str]) -> dict[str, float]:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import checkpointing_run
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -40,15 +41,7 @@ class BlockAfter(pl.Callback):
 """
 
 STEPS = 8
-TRAIN = [
-    f"trainer.max_steps={STEPS}",
-    "trainer.val_check_interval=100",
-    "callbacks.checkpoint.every_n_train_steps=2",
-    "callbacks.checkpoint.save_last=true",
-    "callbacks.best=null",
-    "callbacks.audio_samples=null",
-    "optim.warmup_steps=2",
-]
+TRAIN = checkpointing_run(STEPS)
 
 
 def start(args: list[str], extra_path: Path | None = None) -> subprocess.Popen:
