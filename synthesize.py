@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from elise.checkpoints import CheckpointError
 from elise.codec import CodecUnavailable
-from elise.synthesis.errors import SynthesisError, one_line
+from elise.errors import exit_with
+from elise.synthesis.errors import SynthesisError
 
 USER_ERRORS = (SynthesisError, CheckpointError, CodecUnavailable, OSError)
 TEXT_KEYS = ("text=", "reference_text=")
@@ -46,8 +47,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except USER_ERRORS as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
 
 
 if __name__ == "__main__":

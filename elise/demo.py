@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from elise.train import one_line, user_error_types
+    from elise.errors import one_line
+    from elise.train import user_error_types
 
     try:
         ckpt, _, seconds = train_demo(run_dir, args.overrides)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from elise.checkpoints import CheckpointError, load_model
+from elise.errors import one_line
 from elise.interop import export_transformers_dir
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str]) -> int:
             codec_config = raw.get("codec_config", raw)
         out = export_transformers_dir(loaded.model, loaded.tokenizer, args["out"], codec_config)
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"exported {args['ckpt']} -> {out} (config.json, model.safetensors, tokenizer.json)")
     return 0

@@ -8,8 +8,6 @@ one line on stderr.
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
@@ -19,6 +17,7 @@ from elise.config import to_dict
 from elise.data.items import PreparedData
 from elise.data.prepare import prepare
 from elise.data.sources import DataUnavailable
+from elise.errors import exit_with
 from elise.text import build_tokenizer
 
 # What a user can cause and fix (paths, access, options); anything else is a bug and keeps its traceback.
@@ -39,9 +38,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except USER_ERRORS as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(err)
 
 
 if __name__ == "__main__":

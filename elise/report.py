@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from elise.errors import one_line
+
 NUM_CODEBOOKS = 32
 
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = write_report(args.run_dir, args.out)
     except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(path)
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -24,10 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from elise.callbacks import SaveOnSigterm
+from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
 
 log = logging.getLogger("elise.train")
-EXIT_USER_ERROR = 2
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a terminated job
 EXIT_NONFINITE = 3  # stopped after too many consecutive non-finite steps (a checkpoint was saved)
 
@@ -361,14 +360,6 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def one_line(err: BaseException) -> str:
-    if isinstance(err, MissingMandatoryValue):
-        key = getattr(err, "full_key", "") or "?"
-        return f"missing value: {key} (set it on the command line: {key}=...)"
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text
-
-
 def main(cfg: DictConfig) -> float | None:
     """``train.py``'s body: train, print one line and exit 2 on user errors; return the metric a
     sweeper optimizes (``optimized_metric``)."""
@@ -378,10 +369,8 @@ def main(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except NonFiniteStop as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NONFINITE) from None
+        exit_with(err, EXIT_NONFINITE)
     except user_error_types() as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        exit_with(err, EXIT_USER_ERROR)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None

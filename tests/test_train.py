@@ -212,36 +212,23 @@ def test_report_png(base_run, tmp_path):
     assert report_main([str(tmp_path)]) == 2  # no metrics.csv: one-line error, not a traceback
 
 
-def test_missing_init_from_is_one_line_exit_2(fast_overrides, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["require_init_from=true"], "init_from="),
+        (["data=elise", "data.name=nobody/not-a-dataset"], "data.path="),
+        (["precision=bf16-true"], "bf16-mixed"),  # 16-bit weights without an fp32 copy are refused
+    ],
+    ids=["missing_init_from", "unavailable_data", "16_bit_weights"],
+)
+def test_user_errors_are_one_line_exit_2(fast_overrides, tmp_path, capsys, overrides, expected):
     cfg = compose(
-        "train",
-        [*fast_overrides, "require_init_from=true", f"hydra.run.dir={tmp_path}"],
-        return_hydra_config=True,
+        "train", [*fast_overrides, *overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True
     )
     with pytest.raises(SystemExit) as exit_info:
         train_main(cfg)
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "\n" not in err and "init_from=" in err
-
-
-def test_unavailable_data_is_one_line_exit_2(fast_overrides, tmp_path, capsys):
-    overrides = [*fast_overrides, "data=elise", "data.name=nobody/not-a-dataset", f"hydra.run.dir={tmp_path}"]
-    cfg = compose("train", overrides, return_hydra_config=True)
-    with pytest.raises(SystemExit) as exit_info:
-        train_main(cfg)
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and "\n" not in err and "data.path=" in err
-
-
-def test_16_bit_weights_are_refused(fast_overrides, tmp_path, capsys):
-    cfg = compose(
-        "train",
-        [*fast_overrides, "precision=bf16-true", f"hydra.run.dir={tmp_path}"],
-        return_hydra_config=True,
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        train_main(cfg)
-    assert exit_info.value.code == 2 and "bf16-mixed" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "\n" not in err and expected in err
 
 
 def test_missing_resume_checkpoint_is_one_line_exit_2(fast_overrides, tmp_path, capsys):

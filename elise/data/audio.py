@@ -14,6 +14,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from elise.errors import one_line
+
 TARGET_SR = 24_000
 # Names the decoding pipeline; it is part of every cached audio hash, so changing how audio is
 # decoded or resampled (e.g. the soxr quality) must change this string to invalidate old entries.
@@ -60,7 +62,7 @@ def read_audio(src: str | Path | bytes, target_sr: int = TARGET_SR) -> np.ndarra
     try:
         wav, sr = sf.read(handle, dtype="float32", always_2d=True)  # [N, C]
     except Exception as err:  # libsndfile raises several types (LibsndfileError, RuntimeError, TypeError)
-        raise AudioError(f"cannot decode audio: {_one_line(err)}") from err
+        raise AudioError(f"cannot decode audio: {one_line(err)}") from err
     mono = to_mono(wav)  # [N]
     if not np.isfinite(mono).all():
         raise AudioError("audio has NaN or infinite samples")
@@ -70,8 +72,3 @@ def read_audio(src: str | Path | bytes, target_sr: int = TARGET_SR) -> np.ndarra
 def write_wav(path: str | Path, wav: np.ndarray, sr: int = TARGET_SR, subtype: str = "PCM_16") -> None:
     """Write mono float audio [N] (or [N, C]) as wav/flac (format from the suffix)."""
     sf.write(str(path), np.asarray(wav, dtype=np.float32), sr, subtype=subtype)
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text or type(err).__name__

@@ -25,6 +25,7 @@ from elise.data.audio import TARGET_SR, AudioError, read_audio
 from elise.data.cache import AudioInfo, CodeCache, audio_info, source_fingerprint
 from elise.data.items import Example, PreparedData
 from elise.data.sources import DEFAULT_HF_NAME, RawItem, load_items, speaker_id, speaker_map
+from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
 
 REASONS = (
@@ -163,9 +164,9 @@ class _Run:
         except _Skip as skip:
             self._skip(item.id, skip.reason, skip.detail)
         except (AudioError, OSError) as err:
-            self._skip(item.id, "unreadable_audio", _one_line(err))
+            self._skip(item.id, "unreadable_audio", one_line(err))
         except Exception as err:  # a per-item failure must not end a long run; it is reported instead
-            self._skip(item.id, "unreadable_audio", f"{type(err).__name__}: {_one_line(err)}")
+            self._skip(item.id, "unreadable_audio", f"{type(err).__name__}: {one_line(err)}")
 
     def _add(self, item: RawItem) -> None:
         if item.error is not None:
@@ -206,7 +207,7 @@ class _Run:
         try:
             ids = encode_prompt(self.tokenizer, text, speaker)
         except Exception as err:  # tokenizers raise various types on input they cannot take
-            raise _Skip("untokenizable_text", f"{type(err).__name__}: {_one_line(err)}") from err
+            raise _Skip("untokenizable_text", f"{type(err).__name__}: {one_line(err)}") from err
         vocab = getattr(self.tokenizer, "vocab_size", None)
         if not ids or (vocab is not None and max(ids) >= vocab):
             raise _Skip("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary")
@@ -387,7 +388,3 @@ def _unk_id(tokenizer: Tokenizer) -> int | None:
     tok = getattr(tokenizer, "_tok", None)
     unk = getattr(getattr(tok, "model", None), "unk_token", None)
     return tok.token_to_id(unk) if tok is not None and unk else None
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
