@@ -1,4 +1,4 @@
-"""``python synthesize.py ckpt=path/to/last.ckpt text="Hello there."`` (options: conf/synthesize.yaml).
+"""``python synthesize.py ckpt=path/to/last.ckpt text="Hello there."`` (options: elise/conf/synthesize.yaml).
 
 Text arguments are quoted for Hydra here, so commas, apostrophes and ``=`` in
 ``text=...``/``reference_text=...`` need no extra shell quoting. A user error (missing or corrupt
@@ -40,7 +40,7 @@ def quote_text_args(argv: list[str]) -> list[str]:
     return out
 
 
-@hydra.main(config_path="conf", config_name="synthesize", version_base="1.3")
+@hydra.main(config_path="elise/conf", config_name="synthesize", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from elise.synthesize import run
 

@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="elise/conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     from elise.train import main as train_main  # imported here: --help and config errors stay fast
 

@@ -33,7 +33,7 @@ def run(cfg: DictConfig) -> PreparedData:
     return data
 
 
-@hydra.main(config_path="../conf", config_name="prepare", version_base="1.3")
+@hydra.main(config_path="conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         run(cfg)

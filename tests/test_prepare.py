@@ -271,7 +271,7 @@ def test_prepared_splits_follow_assign_splits(tmp_path: Path) -> None:
 def test_prepare_config_composes_with_every_source(data: str) -> None:
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(str(ROOT / "elise" / "conf"), version_base="1.3"):
         cfg = compose("prepare", overrides=[f"data={data}", "codec=tiny"])
     assert cfg.data.source == data and cfg.tokenizer == "bytes" and cfg.codec.name == "tiny"
     keys = {"cache_dir", "min_seconds", "max_seconds", "silence_threshold", "val_fraction", "val_count"}
