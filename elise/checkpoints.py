@@ -34,6 +34,9 @@ class Loaded:
     tokenizer: Tokenizer
     source: str  # "elise" | "transformers"
     meta: dict[str, Any] = field(default_factory=dict)
+    # The codec the model was trained on: {"name", "config", "weights_sha256"}; None when not recorded.
+    codec: dict[str, Any] | None = None
+    speakers: dict[str, int] = field(default_factory=dict)  # speaker name -> id, as trained
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
