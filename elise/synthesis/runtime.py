@@ -52,6 +52,8 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
         quantize_int8(model)
         log.info("quantize=int8: int8 weight-only matmuls for both stacks, the projection and the heads")
     if compile:
+        if next(model.parameters()).device.type == "cpu":
+            log.warning("compile=true on CPU: the first frames wait for torch.compile (a minute or more)")
         # dynamic=True: the KV-cache length grows every step; without it every length recompiles
         model.backbone.compile(dynamic=True)
         model.decoder.compile(dynamic=True)
@@ -65,9 +67,47 @@ def load(ckpt: str, device: torch.device) -> Loaded:
     return load_model(str(ckpt), map_location=device)
 
 
-def load_codec(codec_cfg: dict[str, Any], device: torch.device, num_codebooks: int) -> Codec:
-    """Build the configured codec on ``device``; it must have the model's codebook count."""
-    kwargs = dict(codec_cfg)
+DEFAULT_CODEC = "mimi"
+
+
+def resolve_codec(
+    requested: dict[str, Any] | str | None, recorded: dict[str, Any] | None
+) -> tuple[dict[str, Any], str | None]:
+    """(``build_codec`` options, one warning line or None) for a model trained on codec ``recorded``.
+
+    ``requested`` None: the recorded codec with its recorded settings. A requested codec that differs
+    from the record runs (the user asked) with a warning naming both.
+    """
+    if isinstance(requested, str):
+        requested = {"name": requested}
+    trained = str(recorded["name"]) if recorded and recorded.get("name") else None
+    if requested is None:
+        if trained is None:
+            return {"name": DEFAULT_CODEC}, (
+                f"the checkpoint does not record its codec: using codec={DEFAULT_CODEC}"
+            )
+        config = {k: v for k, v in dict((recorded or {}).get("config") or {}).items() if k != "name"}
+        return {"name": trained, **config}, None
+    name = str(requested.get("name"))
+    if trained is not None and name != trained:
+        return dict(requested), (
+            f"codec={name} was asked for but the model was trained on codec={trained}: "
+            "its audio will be wrong unless they share codes"
+        )
+    return dict(requested), None
+
+
+def load_codec(
+    requested: dict[str, Any] | str | None,
+    recorded: dict[str, Any] | None,
+    device: torch.device,
+    num_codebooks: int,
+) -> Codec:
+    """Build the codec (None: the one the model was trained on) on ``device``; it must have the model's
+    codebook count."""
+    kwargs, warning = resolve_codec(requested, recorded)
+    if warning:
+        log.warning(warning)
     kwargs["device"] = str(device)
     try:
         codec = build_codec(**kwargs)
