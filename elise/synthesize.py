@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from elise.config import to_dict
 from elise.data.audio import WavWriter
@@ -68,6 +68,11 @@ def settings_from(cfg: DictConfig) -> Settings:
     )
 
 
+def _typed(cfg: DictConfig, key: str) -> Any:
+    """A free-text value as typed: OmegaConf reads a text of ``???`` as a missing value."""
+    return "???" if OmegaConf.is_missing(cfg, key) else cfg[key]
+
+
 def _summary(path: Path, m: dict[str, Any]) -> str:
     line = f"{path.name}: {m['audio_seconds']:.2f} s audio in {m['generation_seconds']:.2f} s"
     if m["rtf"] is not None:
@@ -88,7 +93,7 @@ def _log_to(folder: Path) -> None:
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Synthesize every utterance of ``cfg``; returns one metrics dict per utterance, in order."""
-    texts = collect_texts(cfg.text, cfg.text_file)
+    texts = collect_texts(_typed(cfg, "text"), cfg.text_file)
     settings = settings_from(cfg)
     paths = output_paths(len(texts), cfg.output, cfg.output_dir, bool(cfg.get("overwrite", False)))
     if cfg.metrics_out:

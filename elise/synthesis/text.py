@@ -130,6 +130,8 @@ def _merge_short(pieces: list[str], max_chars: int, min_chars: int) -> list[str]
 def read_text_file(path: str | Path) -> list[str]:
     """Utterances of a text file: one per line, blank lines skipped, whitespace normalised."""
     path = Path(path)
+    if path.is_dir():
+        raise SynthesisError(f"text_file={path} is a directory; give a text file with one utterance per line")
     if not path.is_file():
         raise SynthesisError(f"text_file not found: {path}")
     try:
