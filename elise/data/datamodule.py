@@ -16,6 +16,8 @@ Lightning wiring (checked against lightning 2.6):
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from elise.data.collate import collate
+from elise.data.context import ContextBatchSampler, ContextPlanner, ContextSettings
 from elise.data.dataset import CodesDataset
 from elise.data.items import PreparedData
 from elise.data.sampler import TokenBudgetBatchSampler
@@ -41,7 +44,9 @@ class EliseDataModule(pl.LightningDataModule):
     Args:
         data_cfg: the ``data`` config (dict or DictConfig): source keys for ``prepare`` plus
             ``max_tokens`` (5000), ``max_samples`` (16), ``bucket_size`` (None: 32 * max_samples),
-            ``num_workers`` (0), ``pin_memory`` (None: when CUDA is available), ``strict`` (False).
+            ``num_workers`` (0), ``pin_memory`` (None: when CUDA is available), ``strict`` (False),
+            ``context`` (``elise.data.context.ContextSettings``: p, max_segments, max_rows, loss_on;
+            checked here, so a bad setting fails before any data or model is loaded).
         codec_cfg: keyword arguments of ``elise.codec.build_codec`` (``name`` included).
         tokenizer_spec: ``"bytes"`` or a tokenizer.json path (``elise.text.build_tokenizer``).
         seed: seed of the batch order (epoch ``e`` uses ``seed + e``).
@@ -62,11 +67,13 @@ class EliseDataModule(pl.LightningDataModule):
         self.bucket_size = _get(data_cfg, "bucket_size", None)
         self.num_workers = int(_get(data_cfg, "num_workers", 0))
         self.pin_memory = bool(_get(data_cfg, "pin_memory", torch.cuda.is_available()))
+        self.context = ContextSettings.from_cfg(_get(data_cfg, "context", None), self.max_tokens)
         self.prepared: PreparedData | None = None
         self.train_set: CodesDataset | None = None
         self.val_set: CodesDataset | None = None
         self.train_sampler: TokenBudgetBatchSampler | None = None
         self._pending_state: dict | None = None
+        self._report: dict = {}
 
     # ---- preparation ---------------------------------------------------------------------
 
@@ -80,22 +87,43 @@ class EliseDataModule(pl.LightningDataModule):
         return prepare(self.data_cfg, codec, self.tokenizer, strict=strict, progress=progress)
 
     def prepare_data(self) -> None:
-        self._prepare(progress=True)  # encodes and caches; state set here would not reach other ranks
+        # encodes and caches; state set here would not reach other ranks (the report is for rank 0's use)
+        prepared = self._prepare(progress=True)
+        self._report = prepared.report
+        self._planner(prepared.split("train"))  # ContextError now, before the model is built
 
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is None:
             self.prepared = self._prepare(progress=False)  # cache hits only after prepare_data
             self.train_set = CodesDataset(self.prepared.split("train"))
             self.val_set = CodesDataset(self.prepared.split("val"))
+            self._report = self.prepared.report
             if len(self.train_set) == 0 and stage in (None, "fit"):
                 raise ValueError(
                     f"no training examples left after preparation; report: {self.prepared.report}"
                 )
+            if len(self.val_set) == 0 and stage in (None, "fit", "validate"):
+                warnings.warn(
+                    f"no validation clips ({len(self.train_set)} train): validation is skipped; hold some out "
+                    "with data.val_fraction=<share, e.g. 0.05> or data.val_count=<clips>",
+                    stacklevel=2,
+                )
 
     @property
     def report(self) -> dict:
-        """The preparation report (kept/skipped counts by reason), empty before ``setup``."""
-        return self.prepared.report if self.prepared is not None else {}
+        """The preparation report (kept/skipped counts by reason), empty before preparation."""
+        return self._report
+
+    @property
+    def speakers(self) -> dict[str, int]:
+        """Speaker name -> id (the ``speaker=`` of synthesis), empty before preparation or when the
+        source names no speakers (every clip is then speaker 0)."""
+        return dict(self._report.get("speakers", {}))
+
+    def _planner(self, examples: list) -> ContextPlanner:
+        planner = ContextPlanner(examples, self.context, seed=self.seed)
+        planner.check()
+        return planner
 
     # ---- loaders -------------------------------------------------------------------------
 
@@ -106,9 +134,9 @@ class EliseDataModule(pl.LightningDataModule):
         return int(trainer.world_size), int(trainer.global_rank)
 
     def _sampler(self, dataset: CodesDataset, shuffle: bool) -> TokenBudgetBatchSampler:
+        """Training (shuffle) with ``data.context.p > 0``: a ``ContextBatchSampler``."""
         replicas, rank = self._world()
-        return TokenBudgetBatchSampler(
-            dataset.lengths,
+        kwargs = dict(
             max_tokens=self.max_tokens,
             max_samples=self.max_samples,
             shuffle=shuffle,
@@ -117,12 +145,15 @@ class EliseDataModule(pl.LightningDataModule):
             num_replicas=replicas,
             rank=rank,
         )
+        if shuffle and self.context.active:
+            return ContextBatchSampler(dataset.lengths, self._planner(dataset.examples), **kwargs)
+        return TokenBudgetBatchSampler(dataset.lengths, **kwargs)
 
     def _loader(self, dataset: CodesDataset, sampler: TokenBudgetBatchSampler) -> DataLoader:
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=collate,
+            collate_fn=functools.partial(collate, loss_on=self.context.loss_on),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -141,10 +172,12 @@ class EliseDataModule(pl.LightningDataModule):
         self.train_sampler = sampler
         return self._loader(self.train_set, sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
+        if len(self.val_set) == 0:  # no val clips (warned in setup): Lightning skips validation
+            return []
         return self._loader(self.val_set, self._sampler(self.val_set, shuffle=False))
 
     # ---- checkpoint state ----------------------------------------------------------------
