@@ -352,9 +352,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, CheckpointError, CodecUnavailable, DataUnavailable]
     types += [MissingMandatoryValue, FileNotFoundError]
     try:
+        from elise.data.context import ContextError
         from elise.data.prepare import BadItem
 
-        types.append(BadItem)
+        types += [BadItem, ContextError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(types)

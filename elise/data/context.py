@@ -53,7 +53,9 @@ class ContextSettings:
         cfg = dict(cfg or {})
         unknown = set(cfg) - {"p", "max_segments", "max_rows", "loss_on"}
         if unknown:
-            raise ContextError(f"unknown data.context key(s) {sorted(unknown)}; use p, max_segments, max_rows, loss_on")
+            raise ContextError(
+                f"unknown data.context key(s) {sorted(unknown)}; use p, max_segments, max_rows, loss_on"
+            )
         p = float(cfg.get("p") or 0.0)
         k = int(cfg.get("max_segments") or 2)
         max_rows = int(cfg.get("max_rows") or max_tokens)
