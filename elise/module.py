@@ -19,19 +19,12 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics import Metric
 
+from elise.config import conf_defaults
 from elise.layout import NUM_CODEBOOKS
 from elise.model import CSMConfig, build_model
 from elise.model.loss import LossOutput, csm_loss
 from elise.optim import build_optimizer, optim_settings
 
-DEFAULT_MAX_BAD_STEPS = 20  # consecutive non-finite steps before training stops (optim.max_bad_steps)
-
-LOSS_DEFAULTS: dict[str, float] = {
-    "decoder_fraction": 1 / 16,
-    "val_decoder_fraction": 1.0,  # validation scores every frame: exact, comparable per-codebook numbers
-    "backbone_weight": 1.0,
-    "decoder_weight": 1.0,
-}
 
 
 class PerCodebookMean(Metric):
@@ -83,8 +76,10 @@ class EliseModule(pl.LightningModule):
     Args:
         model: CSMConfig as a dict (the Hydra ``model`` group or a checkpoint's ``hparams.model``).
         tokenizer: ``"bytes"`` or the HF tokenizer spec (a path); recorded for synthesis.
-        optim: lr, min_lr, warmup_steps, weight_decay, betas, eps (``elise.optim``).
-        loss: decoder_fraction, val_decoder_fraction, backbone_weight, decoder_weight.
+        optim: lr, min_lr, warmup_steps, weight_decay, betas, eps, max_bad_steps (``elise.optim``;
+            missing keys from ``conf/optim/adamw.yaml``).
+        loss: decoder_fraction, val_decoder_fraction, backbone_weight, decoder_weight (missing keys
+            from ``conf/loss/default.yaml``).
         total_steps: optimizer steps of the cosine schedule (``trainer.max_steps``).
         seed: seeds the decoder-frame draws.
         freeze_backbone: backbone + text embeddings get no gradients (nor optimizer state).
@@ -104,7 +99,8 @@ class EliseModule(pl.LightningModule):
     ):
         super().__init__()
         model_dict = CSMConfig.from_dict(dict(model)).to_dict()  # validated, primitives only
-        loss_cfg = {**LOSS_DEFAULTS, **{k: float(v) for k, v in dict(loss or {}).items() if v is not None}}
+        loss_cfg = {k: float(v) for k, v in conf_defaults("loss/default").items()}
+        loss_cfg.update({k: float(v) for k, v in dict(loss or {}).items() if v is not None})
         optim_cfg = optim_settings(optim)
         optim_cfg["betas"] = list(optim_cfg["betas"])
         self.save_hyperparameters(
@@ -134,7 +130,7 @@ class EliseModule(pl.LightningModule):
         self._micro = (-1, 0)  # (global_step, micro-batch index) for accumulation
         # non-finite guard: a step whose loss or gradient is NaN/Inf is skipped (counted); after
         # max_bad_steps in a row training stops (nonfinite_stop holds the message)
-        self.max_bad_steps = int(self.optim_cfg.get("max_bad_steps", DEFAULT_MAX_BAD_STEPS))
+        self.max_bad_steps = int(self.optim_cfg["max_bad_steps"])
         self.skipped_steps = 0
         self.bad_streak = 0
         self.nonfinite_stop: str | None = None

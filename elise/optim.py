@@ -14,19 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-DEFAULTS: dict[str, Any] = {
-    "lr": 1e-4,
-    "min_lr": 1e-5,
-    "warmup_steps": 1000,
-    "weight_decay": 0.01,
-    "betas": (0.9, 0.95),
-    "eps": 1e-8,
-}
+from elise.config import conf_defaults
+
 
 
 def optim_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The ``optim`` config as a plain dict of primitives with defaults filled in."""
-    out = dict(DEFAULTS)
+    """The ``optim`` config as a plain dict of primitives, defaults from ``conf/optim/adamw.yaml``."""
+    out = conf_defaults("optim/adamw")
     for key, value in dict(cfg or {}).items():
         if value is not None:
             out[key] = value
@@ -34,6 +28,7 @@ def optim_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     for key in ("lr", "min_lr", "weight_decay", "eps"):
         out[key] = float(out[key])
     out["warmup_steps"] = int(out["warmup_steps"])
+    out["max_bad_steps"] = int(out["max_bad_steps"])
     if out["lr"] <= 0 or out["min_lr"] < 0 or out["min_lr"] > out["lr"]:
         raise ValueError(
             f"optim: need 0 <= min_lr <= lr and lr > 0, got lr={out['lr']}, min_lr={out['min_lr']}"

@@ -19,10 +19,11 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from elise.callbacks import SaveOnSigterm
+from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
 
@@ -167,16 +168,20 @@ def check_config(cfg: DictConfig) -> None:
         )
     if int(cfg.trainer.get("max_steps", -1)) <= 0 and not cfg.trainer.get("fast_dev_run"):
         raise UserError("trainer.max_steps must be > 0 (it is also the length of the cosine schedule)")
-    precision = str(cfg.precision)
-    if precision in ("bf16-true", "16-true", "bf16", "16", "half"):
-        raise UserError(
-            f"precision={precision} stores the weights in 16 bits (no fp32 master copy): use bf16-mixed or 16-mixed"
-        )
+    if cfg.get("precision") is not None:
+        raise UserError(f"precision= moved into the trainer group: write trainer.precision={cfg.precision}")
+    try:
+        precision = trainer_precision(cfg.trainer.get("precision"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    with open_dict(cfg):
+        cfg.trainer.precision = precision
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and str(cfg.precision).startswith("bf16"):
+    if on_cpu and cfg.trainer.precision.startswith("bf16"):
         log.warning(
-            "precision=%s on a CPU is 30-100x slower than fp32: use precision=32-true here", cfg.precision
+            "trainer.precision=%s on a CPU is 30-100x slower than fp32: use trainer.precision=32-true here",
+            cfg.trainer.precision,
         )
 
 
@@ -238,8 +243,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
             cb.dirpath = str(run_dir / "checkpoints")
         log.debug("callback %s: %s", name, type(cb).__name__)
         callbacks.append(cb)
-    if not any(isinstance(cb, SaveOnSigterm) for cb in callbacks):
-        callbacks.append(SaveOnSigterm(str(run_dir / "checkpoints")))
     return callbacks
 
 
@@ -309,9 +312,8 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     datamodule = EliseDataModule(cfg.data, cfg.codec, tokenizer_spec=tokenizer_spec, seed=int(cfg.seed))
     if getattr(rank_zero_only, "rank", 0) == 0:
         # encode + cache before building a large model: unavailable data or codec weights fail in
-        # seconds. Lightning would call it again on this rank (and print the report twice).
+        # seconds. Lightning's own call on this rank is then a no-op (the report prints once).
         datamodule.prepare_data()
-        datamodule.prepare_data = lambda: None  # type: ignore[method-assign]
     module = build_module(cfg, model_cfg, tokenizer, tokenizer_spec, loaded)
     del loaded
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
@@ -319,7 +321,6 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         _convert_="all",
-        precision=cfg.precision,
         callbacks=all_callbacks,
         logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None) or False,
         default_root_dir=str(run_dir),

@@ -181,7 +181,7 @@ def test_bf16_mixed_keeps_fp32_master_weights(fast_overrides, tmp_path, caplog):
             seen["params"] = {p.dtype for p in module.parameters()}
             seen["grads"] = {p.grad.dtype for p in module.parameters() if p.grad is not None}
 
-    extra = ["precision=bf16-mixed", "trainer.max_steps=1", "data.max_samples=2", "callbacks.checkpoint=null"]
+    extra = ["trainer.precision=bf16-mixed", "trainer.max_steps=1", "data.max_samples=2", "callbacks.checkpoint=null"]
     metrics = run(tmp_path, fast_overrides, extra, callbacks=[Dtypes()])
     assert seen["params"] == {torch.float32} and seen["grads"] == {torch.float32}
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -217,9 +217,10 @@ def test_report_png(base_run, tmp_path):
     [
         (["require_init_from=true"], "init_from="),
         (["data=elise", "data.name=nobody/not-a-dataset"], "data.path="),
-        (["precision=bf16-true"], "bf16-mixed"),  # 16-bit weights without an fp32 copy are refused
+        (["trainer.precision=bf16-true"], "bf16-mixed"),  # 16-bit weights without an fp32 copy are refused
+        (["precision=bf16-mixed"], "trainer.precision=bf16-mixed"),  # the moved key points to its new home
     ],
-    ids=["missing_init_from", "unavailable_data", "16_bit_weights"],
+    ids=["missing_init_from", "unavailable_data", "16_bit_weights", "moved_precision_key"],
 )
 def test_user_errors_are_one_line_exit_2(fast_overrides, tmp_path, capsys, overrides, expected):
     cfg = compose(
@@ -248,7 +249,7 @@ def test_elise_experiments_run_with_tiny_overrides(experiment, base_run, code_ca
         "model=tiny",
         "data=sample",
         "codec=tiny",
-        "precision=32-true",
+        "trainer.precision=32-true",
         "logger=csv",
         "threads=1",
         f"paths.cache_dir={code_cache}",

@@ -17,9 +17,9 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def test_user_command_composes_to_the_elise_recipe():
-    cfg = compose("train", ["trainer.devices=1", "precision=bf16-mixed"])
+    cfg = compose("train", ["trainer.devices=1", "trainer.precision=bf16-mixed"])
     assert cfg.model.name == "marvis_250m" and cfg.model.text_vocab_size == 49152
-    assert cfg.precision == "bf16-mixed" and cfg.trainer.devices == 1
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.devices == 1
     assert cfg.data.source == "elise" and cfg.data.name == "Jinsaryko/Elise"
     assert (cfg.data.max_samples, cfg.data.max_tokens) == (16, 5000)
     assert cfg.codec.name == "mimi"
@@ -37,9 +37,9 @@ def test_sweep_command_overrides_win_over_the_experiment():
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes(name: str):
     cfg = compose("train", [f"experiment={name}"])
-    assert cfg.trainer.max_steps > 0 and cfg.precision
-    assert "_target_" in cfg.trainer and cfg.model.name in ("tiny", "marvis_250m")
-    if cfg.model.name == "tiny":
+    assert cfg.trainer.max_steps > 0 and cfg.trainer.precision
+    assert "_target_" in cfg.trainer and cfg.model.name in ("demo", "marvis_250m")
+    if cfg.model.name == "demo":
         assert build_model(dict(cfg.model)).cfg.text_vocab_size == 259
 
 

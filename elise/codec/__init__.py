@@ -22,7 +22,8 @@ CODECS = ("tiny", "mimi", "mimi_random")
 
 
 def build_codec(name: str, **kwargs: Any) -> Codec:
-    """Build a codec from its config group: ``build_codec(**OmegaConf.to_container(cfg.codec))``.
+    """Build a codec from its config group: ``build_codec(**OmegaConf.to_container(cfg.codec))``;
+    options not given take their value from ``conf/codec/<name>.yaml``.
 
     Moshi is imported only for the Mimi codecs, so ``tiny`` stays light.
     """
@@ -35,11 +36,15 @@ def build_codec(name: str, **kwargs: Any) -> Codec:
         from elise.codec.mimi import build_mimi_random as factory
     else:
         raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}")
+    from elise.config import conf_defaults
+
     allowed = inspect.signature(factory).parameters
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"codec {name!r}: unknown option(s) {unknown}; known: {sorted(allowed)}")
-    return factory(**kwargs)
+    settings = {k: v for k, v in conf_defaults(f"codec/{name}").items() if k != "name"}
+    settings.update(kwargs)  # the yaml of the codec holds its defaults; given options win
+    return factory(**settings)
 
 
 __all__ = ["CODECS", "Codec", "CodecUnavailable", "build_codec"]

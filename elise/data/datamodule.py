@@ -25,6 +25,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from elise.config import conf_defaults
 from elise.data.collate import collate
 from elise.data.context import ContextBatchSampler, ContextPlanner, ContextSettings
 from elise.data.dataset import CodesDataset
@@ -33,9 +34,10 @@ from elise.data.sampler import TokenBudgetBatchSampler
 from elise.text import build_tokenizer
 
 
-def _get(cfg: Mapping[str, Any] | Any, key: str, default: Any) -> Any:
-    value = cfg.get(key, default) if cfg is not None else default
-    return default if value is None else value
+def _get(cfg: Mapping[str, Any] | Any, key: str) -> Any:
+    """``cfg[key]``, or the default of ``conf/data/default.yaml`` when missing or null."""
+    value = cfg.get(key) if cfg is not None else None
+    return conf_defaults("data/default").get(key) if value is None else value
 
 
 class EliseDataModule(pl.LightningDataModule):
@@ -43,8 +45,8 @@ class EliseDataModule(pl.LightningDataModule):
 
     Args:
         data_cfg: the ``data`` config (dict or DictConfig): source keys for ``prepare`` plus
-            ``max_tokens`` (5000), ``max_samples`` (16), ``bucket_size`` (None: 32 * max_samples),
-            ``num_workers`` (0), ``pin_memory`` (None: when CUDA is available), ``strict`` (False),
+            ``max_tokens``, ``max_samples``, ``num_workers``, ``strict`` (defaults: conf/data/default.yaml),
+            ``bucket_size`` (None: 32 * max_samples), ``pin_memory`` (None: when CUDA is available),
             ``context`` (``elise.data.context.ContextSettings``: p, max_segments, max_rows, loss_on;
             checked here, so a bad setting fails before any data or model is loaded).
         codec_cfg: keyword arguments of ``elise.codec.build_codec`` (``name`` included).
@@ -62,12 +64,16 @@ class EliseDataModule(pl.LightningDataModule):
         super().__init__()
         self.data_cfg, self.codec_cfg, self.seed = data_cfg, codec_cfg, int(seed)
         self.tokenizer = build_tokenizer(tokenizer_spec)
-        self.max_tokens = int(_get(data_cfg, "max_tokens", 5000))
-        self.max_samples = int(_get(data_cfg, "max_samples", 16))
-        self.bucket_size = _get(data_cfg, "bucket_size", None)
-        self.num_workers = int(_get(data_cfg, "num_workers", 0))
-        self.pin_memory = bool(_get(data_cfg, "pin_memory", torch.cuda.is_available()))
-        self.context = ContextSettings.from_cfg(_get(data_cfg, "context", None), self.max_tokens)
+        self.max_tokens = int(_get(data_cfg, "max_tokens"))
+        self.max_samples = int(_get(data_cfg, "max_samples"))
+        self.bucket_size = data_cfg.get("bucket_size") if data_cfg is not None else None
+        self.num_workers = int(_get(data_cfg, "num_workers"))
+        pin_memory = data_cfg.get("pin_memory") if data_cfg is not None else None
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.cache_ready = False  # prepare_data ran in this process (train.py calls it early)
+        context = dict(conf_defaults("data/default").get("context") or {})
+        context.update((data_cfg.get("context") if data_cfg is not None else None) or {})
+        self.context = ContextSettings.from_cfg(context, self.max_tokens)
         self.prepared: PreparedData | None = None
         self.train_set: CodesDataset | None = None
         self.val_set: CodesDataset | None = None
@@ -83,14 +89,17 @@ class EliseDataModule(pl.LightningDataModule):
 
         codec_kwargs = dict(self.codec_cfg.items()) if self.codec_cfg is not None else {}
         codec = build_codec(**codec_kwargs)
-        strict = bool(_get(self.data_cfg, "strict", False))
+        strict = bool(_get(self.data_cfg, "strict"))
         return prepare(self.data_cfg, codec, self.tokenizer, strict=strict, progress=progress)
 
     def prepare_data(self) -> None:
-        # encodes and caches; state set here would not reach other ranks (the report is for rank 0's use)
-        prepared = self._prepare(progress=True)
-        self._report = prepared.report
-        self._planner(prepared.split("train"))  # ContextError now, before the model is built
+        """Encode and cache (once per process: a second call, Lightning's after train.py's, does nothing).
+        State set here would not reach other ranks; ``setup`` reads the cache."""
+        if not self.cache_ready:
+            prepared = self._prepare(progress=True)
+            self._report = prepared.report
+            self._planner(prepared.split("train"))  # ContextError now, before the model is built
+            self.cache_ready = True
 
     def setup(self, stage: str | None = None) -> None:
         if self.prepared is None:

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from elise.codec.base import Codec
+from elise.config import conf_defaults, group_options
 from elise.data.audio import TARGET_SR, AudioError, read_audio
 from elise.data.cache import AudioInfo, CodeCache, audio_info, source_fingerprint
 from elise.data.items import Example, PreparedData
-from elise.data.sources import DEFAULT_HF_NAME, RawItem, load_items, speaker_id, speaker_map
+from elise.data.sources import RawItem, load_items, speaker_id, speaker_map
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
 
@@ -42,23 +43,6 @@ REASONS = (
     "too_long",
 )
 
-DEFAULTS: dict[str, Any] = {
-    "source": "sample",
-    "name": DEFAULT_HF_NAME,
-    "path": None,
-    "root": None,
-    "split": "train",
-    "cache_dir": ".cache/codes",
-    "min_seconds": 0.5,
-    "max_seconds": 30.0,
-    "silence_threshold": 1e-3,  # peak |x| below -60 dBFS: nothing to learn from
-    "val_fraction": 0.05,
-    "val_count": None,
-    "split_seed": 0,
-    "strict": False,
-    "speaker_column": "auto",
-    "max_items": None,
-}
 
 
 UNNAMED_SPEAKER = "(no speaker: id 0)"
@@ -78,14 +62,18 @@ class _Skip(Exception):
 
 
 def data_settings(data_cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
-    """The data config (dict or DictConfig) as a plain dict with defaults filled in."""
+    """The data config (dict or DictConfig) as a plain dict with the defaults of its source's
+    yaml (``conf/data/<source>.yaml``, which extends ``conf/data/default.yaml``) filled in."""
     if not isinstance(data_cfg, dict):
         from omegaconf import OmegaConf
 
         data_cfg = cast(dict, OmegaConf.to_container(data_cfg, resolve=True, throw_on_missing=True))
-    cfg = dict(DEFAULTS)
-    for key, value in dict(data_cfg or {}).items():
-        if value is not None or DEFAULTS.get(key) is None:  # null keeps a non-null default
+    data_cfg = dict(data_cfg or {})
+    source = data_cfg.get("source") or "sample"
+    defaults = conf_defaults(f"data/{source}" if source in group_options("data") else "data/default")
+    cfg = dict(defaults)
+    for key, value in data_cfg.items():
+        if value is not None or defaults.get(key) is None:  # null keeps a non-null default
             cfg[key] = value
     return cfg
 

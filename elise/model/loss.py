@@ -8,6 +8,7 @@ Python loop over codebooks or frames.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,8 @@ def select_decoder_frames(
     """Indices of the frames the decoder trains on: ceil(fraction * N) of them, at least 1, at random."""
     if fraction >= 1.0 or num_frames == 0:
         return torch.arange(num_frames, device=device)
-    k = max(1, int(round(fraction * num_frames)))
+    # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, whose ceil would be 4
+    k = max(1, math.ceil(round(fraction * num_frames, 9)))
     perm = torch.randperm(
         num_frames, generator=generator, device="cpu" if generator is None else generator.device
     )
