@@ -289,6 +289,8 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = run_dir_of(cfg)
+    with open_dict(cfg):  # ${paths.output_dir} (checkpoint, logger dirs) is this run dir, Hydra-run or not
+        cfg.paths.output_dir = str(run_dir)
     if not HydraConfig.initialized() and getattr(rank_zero_only, "rank", 0) == 0:
         # composed from Python (elise.demo, tests): no .hydra/config.yaml, so record the config here
         plain = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
