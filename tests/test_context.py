@@ -204,3 +204,25 @@ def test_context_is_on_for_the_elise_recipes_only(overrides: list[str], p: float
     assert cfg.data.context.p == p and cfg.data.context.loss_on == "last"
     settings = ContextSettings.from_cfg(cfg.data.context, int(cfg.data.max_tokens))
     assert settings.max_segments == 2 and settings.max_rows == cfg.data.max_tokens
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.context.p=0.5", "data.context.max_rows=30"], "data.context.max_rows=30 is too small"),
+        (["data.context.loss_on=first"], "data.context.loss_on='first'"),
+    ],
+    ids=["never_fits", "bad_loss_on"],
+)
+def test_train_refuses_an_impossible_context_in_one_line(
+    fast_overrides, tmp_path, capsys, overrides, expected
+):
+    from elise.train import main as train_main
+
+    cfg = compose(
+        "train", [*fast_overrides, *overrides, f"hydra.run.dir={tmp_path}"], return_hydra_config=True
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(cfg)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and expected in err, err
