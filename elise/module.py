@@ -162,6 +162,7 @@ class EliseModule(pl.LightningModule):
             lc["backbone_weight"],
             lc["decoder_weight"],
             generator,
+            batch.get("target"),
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

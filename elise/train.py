@@ -198,6 +198,8 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = run_dir_of(cfg)
+    with open_dict(cfg):  # ${paths.output_dir} (checkpoint, logger dirs) is this run dir, Hydra-run or not
+        cfg.paths.output_dir = str(run_dir)
     if not HydraConfig.initialized() and getattr(rank_zero_only, "rank", 0) == 0:
         # composed from Python (elise.demo, tests): no .hydra/config.yaml, so record the config here
         plain = OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"])
@@ -262,9 +264,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, CheckpointError, CodecUnavailable, DataUnavailable]
     types += [MissingMandatoryValue, FileNotFoundError]
     try:
+        from elise.data.context import ContextError
         from elise.data.prepare import BadItem
 
-        types.append(BadItem)
+        types += [BadItem, ContextError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(types)

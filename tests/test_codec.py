@@ -4,7 +4,6 @@ invalid ids, and Mimi's real hub loading path exercised offline through a fake H
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import pytest
@@ -120,14 +119,10 @@ def test_tiny_deterministic_and_seeded(tiny: TinyCodec, wav6: torch.Tensor) -> N
     assert codes[0, :4, 0].tolist() == GOLDEN_TINY
 
 
-def test_tiny_codes_vary_and_fast(tiny: TinyCodec) -> None:
+def test_tiny_codes_vary(tiny: TinyCodec) -> None:
     wav = audio(1, 10 * 24_000)  # [1, 1, 240000]: 10 s
-    tiny.encode(wav[..., :SPF])  # warm-up
-    start = time.perf_counter()
     codes, frames = tiny.encode(wav)
-    elapsed = time.perf_counter() - start
     assert codes.shape == (1, 32, 125) and frames.tolist() == [125]
-    assert elapsed < 0.25, f"tiny encoded 10 s in {elapsed:.3f} s"
     assert all(codes[0, k].unique().numel() > 20 for k in range(32))  # every level splits the frames
 
 

@@ -14,7 +14,7 @@ from elise.generate import SamplingConfig, generate, left_pad, sample_logits
 from elise.layout import AUDIO_VOCAB, CODEBOOK_SIZE, NUM_CODEBOOKS, pad_rows, segment_rows
 from elise.model import build_model
 from elise.model.blocks import rope_inv_freq
-from elise.model.loss import csm_loss
+from elise.model.loss import csm_loss, select_decoder_frames
 
 
 def tiny_model(seed: int = 0, heads: bool = True):
@@ -122,12 +122,17 @@ def test_decoder_fraction_is_seeded_and_sized():
     model = tiny_model()
     tokens, mask = random_batch(frames=(40, 30), text=(5, 5))
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    a = csm_loss(model, tokens, mask, decoder_fraction=0.25, generator=g())
-    b = csm_loss(model, tokens, mask, decoder_fraction=0.25, generator=g())
-    assert a.num_decoder_frames == round(0.25 * 72)
+    a = csm_loss(model, tokens, mask, decoder_fraction=0.2, generator=g())
+    b = csm_loss(model, tokens, mask, decoder_fraction=0.2, generator=g())
+    assert a.num_decoder_frames == 15  # ceil(0.2 * 72 = 14.4), as documented (not round: 14)
     torch.testing.assert_close(a.loss, b.loss)
-    c = csm_loss(model, tokens, mask, decoder_fraction=0.25, generator=torch.Generator().manual_seed(4))
+    c = csm_loss(model, tokens, mask, decoder_fraction=0.2, generator=torch.Generator().manual_seed(4))
     assert c.loss != a.loss
+
+
+def test_select_decoder_frames_takes_the_ceiling():
+    sizes = [select_decoder_frames(n, f, None, "cpu").numel() for n, f in ((10, 0.25), (30, 0.1), (3, 0.01))]
+    assert sizes == [3, 3, 1]  # ceil(2.5), ceil(3.0000000000000004 -> 3), at least one
 
 
 def test_padding_does_not_change_items():

@@ -8,6 +8,7 @@ Python loop over codebooks or frames.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,8 @@ def select_decoder_frames(
     """Indices of the frames the decoder trains on: ceil(fraction * N) of them, at least 1, at random."""
     if fraction >= 1.0 or num_frames == 0:
         return torch.arange(num_frames, device=device)
-    k = max(1, int(round(fraction * num_frames)))
+    # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, whose ceil would be 4
+    k = max(1, math.ceil(round(fraction * num_frames, 9)))
     perm = torch.randperm(
         num_frames, generator=generator, device="cpu" if generator is None else generator.device
     )
@@ -65,10 +67,17 @@ def csm_loss(
     backbone_weight: float = 1.0,
     decoder_weight: float = 1.0,
     generator: torch.Generator | None = None,
+    target: Tensor | None = None,
 ) -> LossOutput:
-    """tokens, mask [B, S, 33] (right-padded) -> LossOutput."""
+    """tokens, mask [B, S, 33] (right-padded) -> LossOutput.
+
+    ``target`` [B, S] bool (``batch["target"]``): only audio rows marked there are predicted in the
+    loss (context segments are seen, not scored); None scores every audio row.
+    """
     h = model.backbone_hidden(tokens, mask)  # [B, S, Db]
     target_rows = is_audio_row(mask[:, 1:])  # [B, S-1]: row t+1 is audio
+    if target is not None:
+        target_rows = target_rows & target[:, 1:]
     h_t = h[:, :-1][target_rows]  # [N, Db]
     frames = tokens[:, 1:][target_rows][:, :NUM_CODEBOOKS]  # [N, 32] the true next frames
     n = frames.shape[0]
