@@ -238,3 +238,16 @@ def test_lightning_sets_epoch_and_resumes_exactly_from_a_mid_epoch_checkpoint(
     state = torch.load(path, weights_only=False)["EliseDataModule"]
     assert state["epoch"] == 0 and state["batches_yielded"] == 4
     assert _fit(tmp_path, ckpt_path=str(path), context=context) == full[4:]
+
+
+@pytest.mark.slow  # a 2-step training run; the warning itself is tested above
+def test_training_without_a_val_split_warns_once_and_trains(fast_overrides, tmp_path: Path) -> None:
+    from elise.config import compose
+    from elise.train import train
+
+    overrides = [*fast_overrides, "data.val_count=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
+    cfg = compose("train", overrides, return_hydra_config=True)
+    with pytest.warns(UserWarning, match=r"no validation clips \(16 train\).*data\.val_count=") as caught:
+        train(cfg)
+    assert sum("no validation clips" in str(w.message) for w in caught) == 1
+    assert list(tmp_path.rglob("*.ckpt"))
