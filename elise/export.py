@@ -8,22 +8,18 @@ part of an elise checkpoint: transformers initialises its Mimi from the default 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from elise.checkpoints import CheckpointError, load_model
-from elise.errors import one_line
+from elise.errors import exit_with
 from elise.interop import export_transformers_dir
 
 
-def main(argv: list[str]) -> int:
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "ckpt" not in args or "out" not in args:
-        print(
-            "usage: python -m elise.export ckpt=<checkpoint> out=<dir> [codec_config=<config.json>]",
-            file=sys.stderr,
-        )
-        return 2
+def main(cfg: DictConfig) -> None:
+    """``python -m elise.export ckpt=... out=...`` (elise/conf/export.yaml); user errors exit 2."""
+    args = {"ckpt": cfg.ckpt, "out": cfg.out, "codec_config": cfg.get("codec_config")}
     try:
         loaded = load_model(args["ckpt"])
         codec_config = None
@@ -32,11 +28,11 @@ def main(argv: list[str]) -> int:
             codec_config = raw.get("codec_config", raw)
         out = export_transformers_dir(loaded.model, loaded.tokenizer, args["out"], codec_config)
     except (CheckpointError, OSError, json.JSONDecodeError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
+        exit_with(e)
     print(f"exported {args['ckpt']} -> {out} (config.json, model.safetensors, tokenizer.json)")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from elise.cli import main as cli_main
+
+    cli_main("export")
