@@ -84,10 +84,12 @@ def test_presets_py_writes_no_sizes():
 
 
 def test_sigterm_null_means_no_sigterm_callback(tmp_path):
-    cfg = compose("train", ["experiment=demo", "callbacks.sigterm=null"])
+    here = f"paths.output_dir={tmp_path}"
+    cfg = compose("train", ["experiment=demo", "callbacks.sigterm=null", here])
     assert not any(isinstance(cb, SaveOnSigterm) for cb in build_callbacks(cfg, tmp_path))
-    cfg = compose("train", ["experiment=demo"])
-    assert any(isinstance(cb, SaveOnSigterm) for cb in build_callbacks(cfg, tmp_path))
+    cfg = compose("train", ["experiment=demo", here])
+    sigterm = [cb for cb in build_callbacks(cfg, tmp_path) if isinstance(cb, SaveOnSigterm)]
+    assert len(sigterm) == 1 and sigterm[0].dirpath == str(tmp_path / "checkpoints")  # ${paths.output_dir}
 
 
 @pytest.mark.parametrize("source", ["elise", "ljspeech", "manifest", "sample"])
@@ -133,3 +135,27 @@ def test_demo_logs_at_least_once_per_epoch():
     cfg = compose("train", ["experiment=demo"])
     batches = -(-(16 - cfg.data.val_count) // cfg.data.max_samples)
     assert cfg.trainer.log_every_n_steps <= batches
+
+
+GROUPS = ("model", "data", "codec", "trainer", "loss", "optim", "logger", "callbacks", "paths", "experiment", "debug")
+
+
+def uncommented_keys(path: Path) -> list[str]:
+    """Keys of a yaml file without a ``# comment`` line right above them (``_target_``, ``defaults``
+    and the group names of ``_global_`` files excepted): ``--help`` is built from those comments."""
+    missing, previous = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        key = stripped.split(":", 1)[0]
+        is_key = ":" in stripped and not stripped.startswith(("#", "-")) and " " not in key
+        group_of_global = line == stripped and key in GROUPS  # `trainer:` in an experiment file
+        if is_key and not group_of_global and key not in ("_target_", "defaults") and not previous.startswith("#"):
+            missing.append(f"{path.parent.name}/{path.name}: {key}")
+        if stripped:
+            previous = stripped
+    return missing
+
+
+def test_every_group_key_has_a_comment():
+    missing = [m for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml")) for m in uncommented_keys(p)]
+    assert not missing, missing
