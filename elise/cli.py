@@ -169,16 +169,15 @@ def yaml_comments(path: Path) -> dict[str, str]:
     comment line just above the key."""
     comments: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
-    above, header = "", True  # the file's opening comment block describes the file, not a key
+    above = ""  # the comment line just above a key (the one closest to it)
     for line in path.read_text(encoding="utf-8").splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("-"):
-            above, header = "", False
+            above = ""
             continue
         if stripped.startswith("#"):
-            above = above or ("" if header else stripped.lstrip("#").strip())
+            above = stripped.lstrip("#").strip()
             continue
-        header = False
         found = re.match(r"(\s*)([A-Za-z_][\w.]*)\s*:(.*)$", line)
         if not found:
             continue

@@ -99,7 +99,7 @@ def test_help_lists_own_keys_with_meanings(command):
         "prepare": ["tokenizer=bytes", "data=<"],
         "export": ["ckpt=???", "output directory"],
         "report": ["run_dir=???", "metrics.csv"],
-        "model_info": ["model.backbone.dim=128", "backbone width"],
+        "model_info": ["model.backbone.dim=128", "width"],
     }[command]
     assert all(word in text for word in expected), text
     assert not [line for line in text.splitlines() if line.startswith(("  hydra.", "  paths."))]
