@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig
+
 from elise.checkpoints import CheckpointError, load_model
 from elise.codec import CodecUnavailable
-from elise.errors import one_line
+from elise.errors import exit_with
 
 MIMI_CODECS = ("mimi", "mimi_random")
 
@@ -73,27 +74,20 @@ def _umask() -> int:
     return mask
 
 
-def main(argv: list[str]) -> int:
-    args = dict(a.split("=", 1) for a in argv if "=" in a)
-    if "ckpt" not in args or "out" not in args:
-        print(
-            "usage: python -m elise.export ckpt=<checkpoint> out=<dir> [codec_config=<config.json>] [overwrite=true]",
-            file=sys.stderr,
-        )
-        return 2
+def main(cfg: DictConfig) -> None:
+    """``python -m elise.export ckpt=... out=...`` (elise/conf/export.yaml); user errors exit 2."""
     try:
         codec_config = None
-        if args.get("codec_config"):
-            raw = json.loads(Path(args["codec_config"]).read_text())
+        if cfg.get("codec_config"):
+            raw = json.loads(Path(str(cfg.codec_config)).read_text())
             codec_config = raw.get("codec_config", raw)
-        overwrite = str(args.get("overwrite", "false")).lower() in {"1", "true", "yes"}
-        files = export_checkpoint(args["ckpt"], args["out"], codec_config, overwrite)
+        files = export_checkpoint(str(cfg.ckpt), str(cfg.out), codec_config, bool(cfg.get("overwrite", False)))
     except (ExportError, CheckpointError, CodecUnavailable, OSError, json.JSONDecodeError) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(f"exported {args['ckpt']} -> {args['out']} ({', '.join(f.name for f in files)})")
-    return 0
+        exit_with(e)
+    print(f"exported {cfg.ckpt} -> {cfg.out} ({', '.join(f.name for f in files)})")
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from elise.cli import main as cli_main
+
+    cli_main("export")
