@@ -162,7 +162,9 @@ def test_long_text_reports_progress(ckpt, tmp_path, caplog):
 def test_compile_on_cpu_warns_up_front(ckpt, caplog, monkeypatch):
     from elise.synthesis import runtime
 
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
+    from elise.model.csm import CSM
+
+    monkeypatch.setattr(CSM, "compile_steps", lambda self: None)
     model = runtime.load(str(ckpt), torch.device("cpu")).model
     runtime.prepare_model(model, torch.float32, compile=True)
     assert any("compile=true on CPU" in r.getMessage() for r in caplog.records)

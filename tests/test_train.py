@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from elise.config import compose
 from elise.report import main as report_main
@@ -92,6 +93,9 @@ def test_checkpoint_is_plain_data_and_loads_for_synthesis(base_run):
     assert ckpt["global_step"] == STEPS and "EliseDataModule" in ckpt
     loaded = load_model(path)
     assert loaded.source == "elise" and loaded.model.cfg.decoder.dim == 16
+    # the codec it was trained on is recorded (issue 10.2): synthesis and export default to it
+    assert loaded.codec is not None and loaded.codec["name"] == "tiny" and loaded.codec["weights_sha256"] is None
+    assert "seed" in loaded.codec["config"] and "device" not in loaded.codec["config"]
     module = EliseModule.load_from_checkpoint(path, map_location="cpu")
     assert torch.equal(module.model.audio_head, loaded.model.audio_head)
 
@@ -209,7 +213,9 @@ def test_report_png(base_run, tmp_path):
     out = write_report(base_run[0])
     assert out.name == "report.png" and out.stat().st_size > 20_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report_main([str(tmp_path)]) == 2  # no metrics.csv: one-line error, not a traceback
+    with pytest.raises(SystemExit) as exited:  # no metrics.csv: one-line error, not a traceback
+        report_main(OmegaConf.create({"run_dir": str(tmp_path), "out": None}))
+    assert exited.value.code == 2
 
 
 @pytest.mark.parametrize(

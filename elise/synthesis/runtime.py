@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from elise.checkpoints import Loaded, load_model
-from elise.codec import Codec, build_codec
+from elise.codec import Codec, build_codec, check_codec
 from elise.model.csm import CSM
 from elise.model.quant import quantize_int8
 from elise.synthesis.errors import SynthesisError, one_line
@@ -54,10 +54,8 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
     if compile:
         if next(model.parameters()).device.type == "cpu":
             log.warning("compile=true on CPU: the first frames wait for torch.compile (a minute or more)")
-        # dynamic=True: the KV-cache length grows every step; without it every length recompiles
-        model.backbone.compile(dynamic=True)
-        model.decoder.compile(dynamic=True)
-        log.info("compile=true: backbone and decoder compiled with torch.compile (first frames compile)")
+        model.compile_steps()
+        log.info("compile=true: the decode steps of backbone and decoder compiled (static shapes; first frames compile)")
     return model
 
 
@@ -67,34 +65,21 @@ def load(ckpt: str, device: torch.device) -> Loaded:
     return load_model(str(ckpt), map_location=device)
 
 
-DEFAULT_CODEC = "mimi"
-
-
 def resolve_codec(
     requested: dict[str, Any] | str | None, recorded: dict[str, Any] | None
 ) -> tuple[dict[str, Any], str | None]:
     """(``build_codec`` options, one warning line or None) for a model trained on codec ``recorded``.
 
-    ``requested`` None: the recorded codec with its recorded settings. A requested codec that differs
-    from the record runs (the user asked) with a warning naming both.
+    ``requested`` None: the recorded codec with its recorded settings (``elise.codec.check_codec``
+    decides the name and the warning).
     """
     if isinstance(requested, str):
         requested = {"name": requested}
-    trained = str(recorded["name"]) if recorded and recorded.get("name") else None
-    if requested is None:
-        if trained is None:
-            return {"name": DEFAULT_CODEC}, (
-                f"the checkpoint does not record its codec: using codec={DEFAULT_CODEC}"
-            )
-        config = {k: v for k, v in dict((recorded or {}).get("config") or {}).items() if k != "name"}
-        return {"name": trained, **config}, None
-    name = str(requested.get("name"))
-    if trained is not None and name != trained:
-        return dict(requested), (
-            f"codec={name} was asked for but the model was trained on codec={trained}: "
-            "its audio will be wrong unless they share codes"
-        )
-    return dict(requested), None
+    name, warning = check_codec(recorded, None if requested is None else str(requested.get("name")))
+    if requested is not None:
+        return dict(requested), warning
+    config = dict((recorded or {}).get("config") or {}) if recorded and recorded.get("name") == name else {}
+    return {**{k: v for k, v in config.items() if k != "name"}, "name": name}, warning
 
 
 def load_codec(
