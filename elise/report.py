@@ -59,7 +59,10 @@ def _plot(ax, series: dict, keys: list[str], title: str) -> None:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.png`` (or ``out``) for a run dir holding metrics.csv; returns its path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("the report needs matplotlib: pip install 'elise[report]'") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = write_report(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError, OSError) as err:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     print(path)
