@@ -1,31 +1,42 @@
-"""The one checkpoint loader: an elise Lightning ``.ckpt`` or a transformers "csm" directory.
+"""The one checkpoint reader/writer: elise Lightning ``.ckpt`` files and transformers "csm" directories.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (or safetensors): no pickled code is
-ever executed. An elise checkpoint holds, besides Lightning's own keys:
+Reading: every file goes through ``torch_load_checked`` (``torch.load(weights_only=True)``, or
+safetensors): no pickled code is ever executed, and a bad file gets one line saying what it is
+(empty, truncated or corrupt, not a checkpoint, contains pickled code). Writing:
+``atomic_torch_save`` (tmp file + fsync + rename; ``AtomicCheckpointIO`` is Lightning's plugin for
+it). ``resolve_ckpt_path`` turns ``ckpt_path=last`` into the newest readable file of a run.
+
+An elise checkpoint holds, besides Lightning's own keys:
 
 - ``hyper_parameters["model"]``: the CSMConfig as a dict of primitives (rebuilds the network);
 - ``hyper_parameters["tokenizer"]``: ``"bytes"`` or the HF tokenizer spec it was trained with;
+- ``hyper_parameters["codec"]``: the codec it was trained on (``elise.codec.codec_identity``);
+- ``hyper_parameters["speakers"]``: speaker name -> id of its training data;
 - ``elise_tokenizer_json`` (optional): the full ``tokenizer.json`` text of an HF tokenizer;
 - ``state_dict``: the LightningModule's, with the CSM under the ``model.`` prefix.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from elise.checkpoint_error import CheckpointError
+from elise.interop import read_transformers_dir
 from elise.model import CSM, build_model
 from elise.text import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
+log = logging.getLogger(__name__)
+
 MODEL_PREFIX = "model."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or not an elise/transformers checkpoint (one-line message)."""
 
 
 @dataclass
@@ -39,29 +50,158 @@ class Loaded:
     speakers: dict[str, int] = field(default_factory=dict)  # speaker name -> id, as trained
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with one-line errors for the usual failures."""
+# ---- reading files --------------------------------------------------------------------------------
+def torch_load_checked(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``; ``CheckpointError`` with one line saying what the file is."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory without config.json + model.safetensors")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted save or copy")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    is_zip = head.startswith(b"PK")
+    if not is_zip and not head.startswith(b"\x80"):  # torch files are zips (new) or pickles (legacy)
+        raise CheckpointError(f"{path} is not a checkpoint (neither a torch zip file nor a pickle)")
+    if is_zip and not _zip_complete(path):
+        raise CheckpointError(f"{path} is truncated or corrupt ({size} bytes; an interrupted save or copy?)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"refusing to load {path}: it holds code or objects that are not plain data ({first})"
-        ) from e
-    except Exception as e:  # torch raises many types for truncated/garbage files (EOFError, KeyError, ...)
-        raise CheckpointError(
-            f"unreadable checkpoint {path} (truncated or not a checkpoint): {type(e).__name__}"
-        ) from e
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found or not is_zip:
+            what = found.group(1) if found else "objects that are not plain data"
+            raise CheckpointError(
+                f"refusing to load {path}: it contains pickled code ({what}); elise reads only plain "
+                "tensors and data"
+            ) from err
+        raise CheckpointError(f"{path} is truncated or corrupt (unpickling failed)") from err
+    except Exception as err:  # truncated/garbage files raise many types (RuntimeError, EOFError, KeyError)
+        raise CheckpointError(f"{path} is truncated or corrupt ({type(err).__name__})") from err
+
+
+def _zip_complete(path: Path) -> bool:
+    """The zip's central directory is there and every member is inside the file."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = path.stat().st_size
+            return all(i.header_offset + i.compress_size <= size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's dict (weights loaded); one-line ``CheckpointError`` for the usual failures."""
+    ckpt = torch_load_checked(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not an elise checkpoint (no state_dict)")
     return ckpt
 
 
+def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Open a training checkpoint memory-mapped (weights not read) and check it is Lightning's."""
+    ckpt = torch_load_checked(path, mmap=True)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
+        raise CheckpointError(f"{path} is not a training checkpoint (no state_dict / global_step)")
+    return ckpt
+
+
+def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
+    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir.
+
+    Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
+    pickled code is refused with ``CheckpointError``). With ``last``, a truncated or corrupt newest
+    file is reported in one warning line and the previous one is used; temporary files of an
+    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``.
+    """
+    if spec is None:
+        return None
+    if str(spec) == "last":
+        found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if not found:
+            raise CheckpointError(
+                f"ckpt_path=last: no checkpoint under {run_dir} (set hydra.run.dir to the run to resume)"
+            )
+        for newer, path in enumerate(found):
+            try:
+                inspect_checkpoint(path)
+            except CheckpointError as err:
+                if newer + 1 < len(found):
+                    log.warning("ckpt_path=last: skipping %s (%s)", path, err)
+                    continue
+                raise CheckpointError(f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})") from err
+            return str(path)
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"ckpt_path={spec}: no such checkpoint file")
+    inspect_checkpoint(path)
+    return str(path)
+
+
+# ---- writing files --------------------------------------------------------------------------------
+def atomic_torch_save(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """``torch.save`` to ``.<name>.<pid>.tmp`` next to ``path``, fsync, rename, fsync the directory.
+
+    A crash, a kill or a full disk leaves the previous file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
+        pass
+
+
+def _atomic_checkpoint_io() -> type:
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    class AtomicCheckpointIO(TorchCheckpointIO):
+        """Local checkpoints saved with ``atomic_torch_save``.
+
+        Lightning's own save (``_atomic_save``) goes through an fsspec transaction whose temporary
+        file lives in the system temp dir: on another filesystem the final "rename" is a copy (a
+        kill mid-copy leaves a partial ``.ckpt``), nothing is fsynced, and the whole checkpoint
+        must fit in /tmp. Remote paths (``s3://``...) keep Lightning's behaviour.
+        """
+
+        def save_checkpoint(
+            self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+        ) -> None:
+            if storage_options is not None or "://" in str(path):
+                super().save_checkpoint(checkpoint, path, storage_options)
+                return
+            atomic_torch_save(checkpoint, path)
+
+    return AtomicCheckpointIO
+
+
+def __getattr__(name: str) -> Any:
+    """``AtomicCheckpointIO`` is built on first use: it needs Lightning, which synthesis never imports."""
+    if name == "AtomicCheckpointIO":
+        cls = _atomic_checkpoint_io()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---- models ---------------------------------------------------------------------------------------
 def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
     if ckpt.get("elise_tokenizer_json"):
         return HFTokenizer.from_json(ckpt["elise_tokenizer_json"])
@@ -82,17 +222,56 @@ def load_elise_checkpoint(path: str | Path, map_location: str | torch.device = "
             f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     meta = {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "hyper_parameters": hp}
-    return Loaded(model.to(map_location).eval(), tokenizer_from_checkpoint(ckpt), "elise", meta)
+    codec = hp.get("codec") or ckpt.get("elise_codec")
+    speakers = hp.get("speakers") or ckpt.get("elise_speakers") or {}
+    tokenizer = tokenizer_from_checkpoint(ckpt)
+    return Loaded(
+        model.to(map_location).eval(),
+        tokenizer,
+        "elise",
+        meta,
+        codec=dict(codec) if codec else None,
+        speakers={str(k): int(v) for k, v in dict(speakers).items()},
+    )
+
+
+def load_transformers_dir(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
+    """A transformers "csm" directory (translated by ``elise.interop``) with its ``elise.json`` record."""
+    path = Path(path)
+    model, tokenizer, config, record = read_transformers_dir(path)
+    if tokenizer is None:
+        if model.cfg.text_vocab_size != ByteTokenizer.vocab_size:
+            raise CheckpointError(
+                f"{path} has no tokenizer.json and its text table has {model.cfg.text_vocab_size} ids "
+                f"(not the {ByteTokenizer.vocab_size}-id byte tokenizer's): pass tokenizer=<tokenizer.json>"
+            )
+        tokenizer = ByteTokenizer()
+    codec = record.get("codec")
+    return Loaded(
+        model.to(map_location).eval(),
+        tokenizer,
+        "transformers",
+        {"config": config, "path": str(path)},
+        codec=dict(codec) if codec else None,
+        speakers={str(k): int(v) for k, v in (record.get("speakers") or {}).items()},
+    )
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
     """Load an elise ``.ckpt`` file or a transformers "csm" directory (config.json + model.safetensors)."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        from elise.interop import load_transformers_dir
-
         return load_transformers_dir(path, map_location)
     return load_elise_checkpoint(path, map_location)
 
 
-__all__ = ["CheckpointError", "Loaded", "load_model", "read_checkpoint", "ByteTokenizer"]
+__all__ = [
+    "CheckpointError",
+    "Loaded",
+    "atomic_torch_save",
+    "inspect_checkpoint",
+    "load_model",
+    "read_checkpoint",
+    "resolve_ckpt_path",
+    "torch_load_checked",
+]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from elise.checkpoints import CheckpointError, Loaded
+from elise.checkpoint_error import CheckpointError
 from elise.model import CSM, CSMConfig, TransformerConfig, build_model
 from elise.text import ByteTokenizer, HFTokenizer, Tokenizer
 
@@ -33,6 +33,7 @@ KEY_MAP = [
     ("audio_head", "depth_decoder.codebooks_head.weight"),
 ]
 TIED_DECODER_EMBEDDINGS = "depth_decoder.model.embed_tokens.weight"
+ELISE_JSON = "elise.json"  # what elise records beside the transformers files: codec, speakers
 LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -165,8 +166,25 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path} has config.json but no model.safetensors (or index)")
 
 
-def load_transformers_dir(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
-    """Load a transformers "csm" directory into elise (codec weights ignored)."""
+def _check_tied(raw: dict[str, Any], weights: dict[str, torch.Tensor], path: Path) -> None:
+    """elise has one audio embedding table for the backbone and the depth decoder: refuse two different ones."""
+    backbone = weights.get("backbone_model.embed_tokens.embed_audio_tokens.weight")
+    decoder = weights.get(TIED_DECODER_EMBEDDINGS)
+    if backbone is None or decoder is None:
+        return  # one table saved: tied (save_pretrained drops the copy)
+    if backbone.shape != decoder.shape or not torch.equal(backbone, decoder):
+        tied = raw.get("tie_codebooks_embeddings", True)
+        raise CheckpointError(
+            f"{path}: the backbone and depth-decoder audio embedding tables differ "
+            f"(tie_codebooks_embeddings={tied}); elise shares one table and will not pick one"
+        )
+
+
+def read_transformers_dir(path: str | Path) -> tuple[CSM, HFTokenizer | None, dict[str, Any], dict[str, Any]]:
+    """(model, tokenizer or None when the directory has no tokenizer.json, config.json, elise.json record).
+
+    Codec weights in the directory are not read (elise's codecs are built by name).
+    """
     path = Path(path)
     try:
         raw = json.loads((path / "config.json").read_text())
@@ -174,8 +192,10 @@ def load_transformers_dir(path: str | Path, map_location: str | torch.device = "
         raise CheckpointError(f"unreadable {path / 'config.json'}: {e}") from e
     cfg = config_from_transformers(raw)
     model = build_model(cfg)
+    weights = _read_weights(path)
+    _check_tied(raw, weights, path)
     state = {}
-    for key, value in _read_weights(path).items():
+    for key, value in weights.items():
         ours = from_transformers_key(key)
         if ours is not None:
             state[ours] = value.float()
@@ -184,14 +204,16 @@ def load_transformers_dir(path: str | Path, map_location: str | torch.device = "
         raise CheckpointError(
             f"{path}: weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    tokenizer = None
     if (path / "tokenizer.json").is_file():
-        tokenizer: Tokenizer = HFTokenizer(path / "tokenizer.json")
-    else:
-        log.warning("%s has no tokenizer.json: using the byte-level tokenizer", path)
-        tokenizer = ByteTokenizer()
-    return Loaded(
-        model.to(map_location).eval(), tokenizer, "transformers", {"config": raw, "path": str(path)}
-    )
+        tokenizer = HFTokenizer(path / "tokenizer.json", raw.get("bos_token_id"), raw.get("eos_token_id"))
+    record: dict[str, Any] = {}
+    if (path / ELISE_JSON).is_file():
+        try:
+            record = dict(json.loads((path / ELISE_JSON).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"unreadable {path / ELISE_JSON}: {type(e).__name__}") from e
+    return model, tokenizer, raw, record
 
 
 def export_transformers_dir(

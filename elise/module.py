@@ -84,6 +84,8 @@ class EliseModule(pl.LightningModule):
         seed: seeds the decoder-frame draws.
         freeze_backbone: backbone + text embeddings get no gradients (nor optimizer state).
         tokenizer_json: full tokenizer.json text, stored in the checkpoint (not in hparams).
+        codec: the codec it trains on (``elise.codec.codec_identity``); recorded for synthesis/export.
+        speakers: speaker name -> id of the training data; recorded so ``speaker=<name>`` resolves.
     """
 
     def __init__(
@@ -96,6 +98,8 @@ class EliseModule(pl.LightningModule):
         seed: int = 0,
         freeze_backbone: bool = False,
         tokenizer_json: str | None = None,
+        codec: Mapping[str, Any] | None = None,
+        speakers: Mapping[str, int] | None = None,
     ):
         super().__init__()
         model_dict = CSMConfig.from_dict(dict(model)).to_dict()  # validated, primitives only
@@ -112,6 +116,8 @@ class EliseModule(pl.LightningModule):
                 "total_steps": int(total_steps),
                 "seed": int(seed),
                 "freeze_backbone": bool(freeze_backbone),
+                "codec": dict(codec) if codec else None,
+                "speakers": {str(k): int(v) for k, v in dict(speakers or {}).items()},
             }
         )
         self.loss_cfg, self.optim_cfg = loss_cfg, optim_cfg
@@ -156,6 +162,7 @@ class EliseModule(pl.LightningModule):
             lc["backbone_weight"],
             lc["decoder_weight"],
             generator,
+            batch.get("target"),
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

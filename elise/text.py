@@ -1,12 +1,19 @@
 """Text tokenizers: a byte-level one that needs no files, and HF ``tokenizer.json`` files.
 
 Both encode the prompt ``[{speaker}]{text}`` with BOS/EOS around it (for HF tokenizers the
-post-processor of the file adds them, as CSM's and Marvis's do).
+post-processor of the file adds them, as CSM's and Marvis's do; ``HFTokenizer`` adds what it lacks).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# special tokens that start / end a prompt in the tokenizers CSM-style models use (Llama 3, SmolLM2, ...)
+BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<|endoftext|>")
+EOS_TOKENS = ("<|end_of_text|>", "</s>", "<|endoftext|>")
 
 
 def format_prompt(text: str, speaker: int | str = 0) -> str:
@@ -30,36 +37,64 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face ``tokenizer.json`` (a file, or a model directory holding one)."""
+    """A Hugging Face ``tokenizer.json`` (a file, or a model directory holding one).
 
-    def __init__(self, path: str | Path):
-        from tokenizers import Tokenizer
+    CSM's prompt is ``<bos>[speaker]text<eos>``. A file whose post-processor does not add BOS or
+    EOS (a stock Llama-3.2 ``tokenizer.json`` adds BOS only) gets the missing ones added here, said
+    in one log line with their ids. ``bos_id``/``eos_id`` are the ids the model expects (from its
+    config); when None they are found among the file's special tokens.
+    """
 
+    def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None):
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self._setup(path.read_text(encoding="utf-8"), str(path), bos_id, eos_id)
         self.path: Path | None = path  # None when built from a JSON string
-        self.json = path.read_text(encoding="utf-8")
-        self._tok = Tokenizer.from_str(self.json)
-        self.vocab_size = self._tok.get_vocab_size()
-        self.spec = str(path)
 
     @classmethod
-    def from_json(cls, text: str) -> HFTokenizer:
-        from tokenizers import Tokenizer
-
+    def from_json(cls, text: str, bos_id: int | None = None, eos_id: int | None = None) -> HFTokenizer:
         self = cls.__new__(cls)
+        self._setup(text, "json", bos_id, eos_id)
         self.path = None
-        self.json = text
-        self._tok = Tokenizer.from_str(text)
-        self.vocab_size = self._tok.get_vocab_size()
-        self.spec = "json"
         return self
 
+    def _setup(self, text: str, spec: str, bos_id: int | None, eos_id: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        self.json, self.spec = text, spec
+        self._tok = Tokenizer.from_str(text)
+        self.vocab_size = self._tok.get_vocab_size()
+        self._prepend: list[int] = []
+        self._append: list[int] = []
+        with_specials = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        added = []
+        adds_bos = len(with_specials) > len(plain) and with_specials[0] != plain[0]
+        adds_eos = len(with_specials) > len(plain) and with_specials[-1] != plain[-1]
+        self.bos_id = with_specials[0] if adds_bos else self._special(bos_id, BOS_TOKENS)
+        self.eos_id = with_specials[-1] if adds_eos else self._special(eos_id, EOS_TOKENS)
+        if not adds_bos and self.bos_id is not None:
+            self._prepend = [self.bos_id]
+            added.append(f"BOS {self.bos_id} ({self._tok.id_to_token(self.bos_id)})")
+        if not adds_eos and self.eos_id is not None:
+            self._append = [self.eos_id]
+            added.append(f"EOS {self.eos_id} ({self._tok.id_to_token(self.eos_id)})")
+        if added:
+            log.info(
+                "tokenizer %s does not add %s itself: elise adds them (CSM prompts are <bos>[speaker]text<eos>)",
+                spec, " and ".join(added),
+            )
+
+    def _special(self, given: int | None, names: tuple[str, ...]) -> int | None:
+        if given is not None:
+            return int(given)
+        return next((i for n in names if (i := self._tok.token_to_id(n)) is not None), None)
+
     def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=True).ids)
+        return self._prepend + list(self._tok.encode(text, add_special_tokens=True).ids) + self._append
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)

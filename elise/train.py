@@ -16,13 +16,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from elise.callbacks import SaveOnSigterm
+from elise.checkpoints import AtomicCheckpointIO, inspect_checkpoint, resolve_ckpt_path
 from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
@@ -55,103 +55,6 @@ def run_dir_of(cfg: DictConfig) -> Path:
     path = Path(name or f"outputs/train/runs/{datetime.now():%Y-%m-%d_%H-%M-%S}")
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
-
-
-def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
-    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir.
-
-    Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
-    pickled code is refused with ``CheckpointError``). With ``last``, a truncated or corrupt newest
-    file is reported in one warning line and the previous one is used; temporary files of an
-    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``.
-    """
-    from elise.checkpoints import CheckpointError
-
-    if spec is None:
-        return None
-    if str(spec) == "last":
-        found = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if not found:
-            raise UserError(
-                f"ckpt_path=last: no checkpoint under {run_dir} (set hydra.run.dir to the run to resume)"
-            )
-        for newer, path in enumerate(found):
-            try:
-                inspect_checkpoint(path)
-            except CheckpointError as err:
-                if newer + 1 < len(found):
-                    log.warning("ckpt_path=last: skipping %s (%s)", path, err)
-                    continue
-                raise CheckpointError(
-                    f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})"
-                ) from err
-            return str(path)
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise UserError(f"ckpt_path={spec}: no such checkpoint file")
-    inspect_checkpoint(path)
-    return str(path)
-
-
-def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Open a checkpoint memory-mapped with ``weights_only=True`` (plain data only, weights not
-    read) and check it is a Lightning checkpoint; ``CheckpointError`` with one line otherwise."""
-    import pickle
-
-    from elise.checkpoints import CheckpointError
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(
-            f"refusing to load {path}: it holds code or objects that are not plain data ({first})"
-        ) from err
-    except Exception as err:  # truncated/garbage files raise many types (RuntimeError, EOFError, ...)
-        raise CheckpointError(
-            f"unreadable checkpoint {path} (truncated or not a checkpoint): {type(err).__name__}"
-        ) from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise CheckpointError(f"{path} is not a training checkpoint (no state_dict / global_step)")
-    return ckpt
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Local checkpoints written to ``.<name>.<pid>.tmp`` next to the target, fsynced, then renamed.
-
-    Lightning's own save (``_atomic_save``) goes through an fsspec transaction whose temporary
-    file lives in the system temp dir: on another filesystem the final "rename" is a copy (a kill
-    mid-copy leaves a partial ``.ckpt``), nothing is fsynced, and the whole checkpoint must fit in
-    /tmp. Here a crash, a kill or a full disk leaves the previous file intact. Remote paths
-    (``s3://``...) keep Lightning's behaviour.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None or "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        try:  # make the rename itself durable
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError:  # pragma: no cover - some filesystems refuse fsync on a directory
-            pass
 
 
 # ---- pieces -------------------------------------------------------------------------------------
@@ -215,9 +118,13 @@ def resolve_tokenizer(cfg: DictConfig, model_cfg: dict, loaded: Any | None, run_
 
 
 def build_module(
-    cfg: DictConfig, model_cfg: dict, tokenizer: Any, spec: str, loaded: Any | None
+    cfg: DictConfig, model_cfg: dict, tokenizer: Any, spec: str, loaded: Any | None, datamodule: Any = None
 ) -> EliseModule:
-    """The LightningModule: from scratch, or with the weights of ``init_from`` (a fresh schedule)."""
+    """The LightningModule: from scratch, or with the weights of ``init_from`` (a fresh schedule).
+
+    It records the codec identity and the datamodule's speaker map in its hparams."""
+    from elise.codec import codec_identity
+
     module = EliseModule(
         model=model_cfg,
         tokenizer=spec,
@@ -227,6 +134,8 @@ def build_module(
         seed=int(cfg.seed),
         freeze_backbone=bool(cfg.get("freeze_backbone", False)),
         tokenizer_json=getattr(tokenizer, "json", None),
+        codec=codec_identity(str(cfg.codec.name), _container(cfg.codec)),
+        speakers=dict(getattr(datamodule, "speakers", None) or {}),
     )
     if loaded is not None:
         module.load_weights(loaded.model.state_dict())
@@ -316,7 +225,7 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         # encode + cache before building a large model: unavailable data or codec weights fail in
         # seconds. Lightning's own call on this rank is then a no-op (the report prints once).
         datamodule.prepare_data()
-    module = build_module(cfg, model_cfg, tokenizer, tokenizer_spec, loaded)
+    module = build_module(cfg, model_cfg, tokenizer, tokenizer_spec, loaded, datamodule)
     del loaded
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
@@ -355,9 +264,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [UserError, CheckpointError, CodecUnavailable, DataUnavailable]
     types += [MissingMandatoryValue, FileNotFoundError]
     try:
+        from elise.data.context import ContextError
         from elise.data.prepare import BadItem
 
-        types.append(BadItem)
+        types += [BadItem, ContextError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(types)

@@ -8,7 +8,13 @@ import pickle
 import pytest
 import torch
 
-from elise.checkpoints import CheckpointError, load_model
+from elise.checkpoints import (
+    CheckpointError,
+    inspect_checkpoint,
+    load_model,
+    resolve_ckpt_path,
+    torch_load_checked,
+)
 from elise.model import build_model
 
 
@@ -57,28 +63,110 @@ def test_raw_pickle_file_is_refused(tmp_path):
     assert not os.path.exists("/tmp/elise_pwned")
 
 
+def _crafted(tmp_path, kind):
+    """A file of each kind a user meets instead of a good checkpoint."""
+    path = tmp_path / f"{kind}.ckpt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"hello, not a checkpoint")
+    elif kind in ("truncated", "corrupt"):
+        write_contract_checkpoint(tmp_path / "good.ckpt")
+        data = bytearray((tmp_path / "good.ckpt").read_bytes())
+        if kind == "truncated":
+            data = data[: len(data) // 2]
+        else:  # the zip directory intact, a member's pickled bytes overwritten
+            start = data.index(b"data.pkl") + 40
+            data[start : start + 64] = b"\xff" * 64
+        path.write_bytes(bytes(data))
+    elif kind == "code":
+        torch.save({"state_dict": {}, "x": Payload()}, path)
+    elif kind == "raw_pickle":
+        path.write_bytes(pickle.dumps(Payload()))
+    elif kind == "not_checkpoint":
+        torch.save({"weights": torch.zeros(2)}, path)
+    return path
+
+
 @pytest.mark.parametrize(
-    "content,match",
-    [(None, "not found"), (b"", "unreadable"), (b"hello, not a checkpoint", "unreadable|refusing")],
+    "kind,match",
+    [
+        ("empty", r"is empty \(0 bytes\)"),
+        ("garbage", "is not a checkpoint"),
+        ("truncated", "is truncated or corrupt"),
+        ("corrupt", "is truncated or corrupt"),
+        ("code", r"refusing to load .*contains pickled code \(posix.system\)"),
+        ("raw_pickle", r"refusing to load .*contains pickled code"),
+        ("not_checkpoint", "not an elise checkpoint"),
+    ],
 )
-def test_bad_files_give_one_line_errors(tmp_path, content, match):
-    path = tmp_path / "x.ckpt"
-    if content is not None:
-        path.write_bytes(content)
+def test_bad_files_say_what_they_are_in_one_line(tmp_path, kind, match):
+    """Each kind of bad file is named (issue 10.8); torch's advice to load with weights_only=False
+    is never repeated."""
+    path = _crafted(tmp_path, kind)
     with pytest.raises(CheckpointError, match=match) as e:
-        load_model(path)
-    assert "\n" not in str(e.value)
+        torch_load_checked(path) if kind != "not_checkpoint" else load_model(path)
+    message = str(e.value)
+    assert "\n" not in message and "weights_only" not in message and "holds code" not in message
+    if kind not in ("code", "raw_pickle"):
+        assert "pickled code" not in message
 
 
-def test_truncated_checkpoint_is_reported(tmp_path):
-    write_contract_checkpoint(tmp_path / "a.ckpt")
-    data = (tmp_path / "a.ckpt").read_bytes()
-    (tmp_path / "t.ckpt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="unreadable"):
-        load_model(tmp_path / "t.ckpt")
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.ckpt")
 
 
-def test_not_an_elise_checkpoint(tmp_path):
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "w.pt")
-    with pytest.raises(CheckpointError, match="not an elise checkpoint"):
-        load_model(tmp_path / "w.pt")
+def test_inspect_and_resolve_last_live_in_checkpoints(tmp_path):
+    """``last`` skips a truncated newest file and picks the previous readable one."""
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    write_contract_checkpoint(run / "a.ckpt")
+    bad = _crafted(tmp_path, "truncated")
+    os.replace(bad, run / "b.ckpt")
+    os.utime(run / "a.ckpt", (1, 1))
+    assert resolve_ckpt_path("last", tmp_path / "run").endswith("a.ckpt")
+    assert inspect_checkpoint(run / "a.ckpt")["global_step"] == 7
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(CheckpointError, match="no checkpoint under"):
+        resolve_ckpt_path("last", tmp_path / "empty_run")
+
+
+def test_checkpoint_records_codec_and_speakers(tmp_path):
+    """The reader hands back the codec identity and speaker map the module saved in its hparams."""
+    from elise.codec import codec_identity
+    from elise.module import EliseModule
+
+    identity = codec_identity("tiny", {"seed": 3, "dim": 16, "device": "cpu", "batch_size": 4})
+    assert identity == {"name": "tiny", "config": {"seed": 3, "dim": 16}, "weights_sha256": None}
+    module = EliseModule(model=build_model("tiny").cfg.to_dict(), codec=identity, speakers={"alice": 0, "bob": 1})
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1},
+        tmp_path / "m.ckpt",
+    )
+    loaded = load_model(tmp_path / "m.ckpt")
+    assert loaded.codec == identity and loaded.speakers == {"alice": 0, "bob": 1}
+
+
+def test_codec_identity_hashes_a_weights_file(tmp_path):
+    import hashlib
+
+    from elise.codec import codec_identity
+
+    weights = tmp_path / "mimi.safetensors"
+    weights.write_bytes(b"not really weights")
+    identity = codec_identity("mimi", {"weights": str(weights), "num_codebooks": 32})
+    assert identity["weights_sha256"] == hashlib.sha256(b"not really weights").hexdigest()
+
+
+def test_check_codec_defaults_to_recorded_and_warns_on_a_different_one():
+    from elise.codec import check_codec
+
+    recorded = {"name": "tiny", "config": {"seed": 0}, "weights_sha256": None}
+    assert check_codec(recorded, None) == ("tiny", None)
+    assert check_codec(recorded, "tiny") == ("tiny", None)
+    name, warning = check_codec(recorded, "mimi_random")
+    assert name == "mimi_random" and "codec=mimi_random" in warning and "codec=tiny" in warning
+    assert "\n" not in warning
+    name, warning = check_codec(None, "mimi_random")  # an older checkpoint: what was asked, said once
+    assert name == "mimi_random" and "does not record its codec" in warning

@@ -253,3 +253,56 @@ def test_hub_failure_raises_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> N
         "keithito/lj_speech",
     ):
         assert needle in message
+
+
+def test_bad_parquet_row_is_named_by_file_row_and_audio_path(tmp_path: Path, hf_cache: None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from elise.codec import build_codec
+    from elise.data.prepare import prepare
+    from elise.text import ByteTokenizer
+
+    rows = elise_rows()
+    rows["audio"][1] = {"bytes": b"RIFX not audio at all" * 20, "path": "e1.wav"}
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table(rows), path)
+    items = load_items({"source": "elise", "path": str(path)})
+    with pytest.raises(AudioError) as err:
+        read_audio(items[1].audio())
+    assert f"{path} row 1 (e1.wav)" in str(err.value) and "BytesIO" not in str(err.value)
+    cfg = {"source": "elise", "path": str(path), "cache_dir": str(tmp_path / "cache"), "val_count": 0}
+    data = prepare(cfg, build_codec("tiny"), ByteTokenizer(), progress=False)
+    (skip,) = data.report["items"]
+    assert skip["id"] == "000001" and skip["reason"] == "unreadable_audio"
+    assert "row 1 (e1.wav)" in skip["detail"] and "BytesIO" not in skip["detail"]
+    # the speaker map and clips per speaker, in the report file too
+    report = json.loads((tmp_path / "cache" / "prepare_report.json").read_text())
+    assert report["speakers"] == {"Elise": 0} and report["speaker_clips"] == {"Elise": 1}
+
+
+def test_manifest_group_and_speaker_clips_in_the_report(tmp_path: Path) -> None:
+    from elise.codec import build_codec
+    from elise.data.prepare import UNNAMED_SPEAKER, prepare
+    from elise.text import ByteTokenizer
+
+    for i in range(4):
+        sf.write(tmp_path / f"a{i}.wav", tone(0.6, 24_000, freq=300.0 + 50 * i), 24_000)
+    lines = [
+        {"audio": "a0.wav", "text": "One.", "speaker": "zoe", "group": "talk1"},
+        {"audio": "a1.wav", "text": "Two.", "speaker": "adam", "group": "talk1"},
+        {"audio": "a2.wav", "text": "Three.", "speaker": "zoe"},
+        {"audio": "a3.wav", "text": "Four."},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    assert [i.group for i in read_manifest(tmp_path / "m.jsonl")] == ["talk1", "talk1", None, None]
+    cfg = {
+        "source": "manifest",
+        "path": str(tmp_path / "m.jsonl"),
+        "cache_dir": str(tmp_path / "c"),
+        "val_count": 0,
+    }
+    data = prepare(cfg, build_codec("tiny"), ByteTokenizer(), progress=False)
+    assert [e.group for e in data.examples] == ["talk1", "talk1", None, None]
+    assert data.report["speakers"] == {"adam": 0, "zoe": 1}
+    assert data.report["speaker_clips"] == {"adam": 1, "zoe": 2, UNNAMED_SPEAKER: 1}

@@ -140,21 +140,64 @@ def test_datamodule_batches(fake_prepare: list[dict]) -> None:
     assert sorted(i for b in val_ids for i in b) == ["ex0", "ex16", "ex24", "ex32", "ex8"]
 
 
-def test_datamodule_state_resumes_the_sampler(fake_prepare: list[dict]) -> None:
-    dm = _dm()
+def _seen(batch: dict) -> list:
+    """What a step trains on: ids, rows of each example (context included), the scored rows."""
+    return [batch["ids"], batch["lengths"].tolist(), batch["target"].sum(1).tolist()]
+
+
+@pytest.mark.parametrize("context", [None, {"p": 0.5, "max_segments": 2}])
+def test_datamodule_state_resumes_the_sampler(fake_prepare: list[dict], context: dict | None) -> None:
+    dm = _dm(context=context)
     dm.setup("fit")
     loader = dm.train_dataloader()
     loader.batch_sampler.set_epoch(1)
-    full = [b["ids"] for b in loader]
+    full = [_seen(b) for b in loader]
     it = iter(loader)
-    head = [next(it)["ids"] for _ in range(3)]
+    head = [_seen(next(it)) for _ in range(3)]
     state = dm.state_dict()
     assert state["epoch"] == 1 and state["batches_yielded"] == 3
 
-    dm2 = _dm()
+    dm2 = _dm(context=context)
     dm2.load_state_dict(state)  # Lightning restores the datamodule before building dataloaders
     dm2.setup("fit")
-    assert head + [b["ids"] for b in dm2.train_dataloader()] == full
+    assert head + [_seen(b) for b in dm2.train_dataloader()] == full
+    with_context = sum(n > t for b in full for n, t in zip(b[1], b[2], strict=True))
+    assert (with_context > 0) == (context is not None)
+    assert all(len(b[0]) * max(b[1]) <= 200 for b in full)  # the budget counts context rows
+
+
+def test_context_that_cannot_fit_fails_in_prepare_data(fake_prepare: list[dict]) -> None:
+    from elise.data.context import ContextError
+
+    with pytest.raises(ContextError, match="data.context.p"):
+        _dm(context={"p": 2.0})  # a bad setting: at construction, before any data is read
+    dm = _dm(context={"p": 0.5, "max_rows": 10})
+    with pytest.raises(ContextError, match=r"data\.context\.max_rows=10 is too small"):
+        dm.prepare_data()  # train.py calls it before building the model
+
+
+def test_speaker_map_and_empty_val_split_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    examples = [e for e in _examples(tmp_path) if e.split == "train"]
+    report = {
+        "kept": len(examples),
+        "speakers": {"alice": 0, "bob": 1},
+        "speaker_clips": {"alice": 3, "bob": 2},
+    }
+
+    def prepare(data_cfg, codec, tokenizer, strict=False, **kwargs):
+        return PreparedData(list(examples), report, tmp_path)
+
+    monkeypatch.setitem(sys.modules, "elise.data.prepare", types.SimpleNamespace(prepare=prepare))
+    import elise.codec
+
+    monkeypatch.setattr(elise.codec, "build_codec", lambda **kw: None, raising=False)
+    dm = _dm(val_fraction=0.0)
+    assert dm.speakers == {}
+    dm.prepare_data()
+    assert dm.speakers == {"alice": 0, "bob": 1}
+    with pytest.warns(UserWarning, match=r"no validation clips .*data\.val_fraction=.*data\.val_count="):
+        dm.setup("fit")
+    assert dm.val_dataloader() == []  # Lightning skips validation instead of a zero-length loader
 
 
 class _Recorder(pl.LightningModule):
@@ -164,14 +207,14 @@ class _Recorder(pl.LightningModule):
         self.seen: list[list[str]] = []
 
     def training_step(self, batch, batch_idx):
-        self.seen.append(batch["ids"])
+        self.seen.append(_seen(batch))
         return (self.w * batch["tokens"].float().mean()).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def _fit(tmp_path: Path, ckpt_path: str | None = None, callbacks=()) -> list[list[str]]:
+def _fit(tmp_path: Path, ckpt_path: str | None = None, callbacks=(), context: dict | None = None) -> list:
     model = _Recorder()
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -179,18 +222,32 @@ def _fit(tmp_path: Path, ckpt_path: str | None = None, callbacks=()) -> list[lis
         use_distributed_sampler=False, default_root_dir=tmp_path, limit_val_batches=0,
     )  # fmt: skip
     # a worker process: the sampler runs ahead of training (prefetch), the saved position must not
-    trainer.fit(model, datamodule=_dm(num_workers=1), ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=_dm(num_workers=1, context=context), ckpt_path=ckpt_path)
     return model.seen
 
 
+@pytest.mark.parametrize("context", [None, {"p": 0.5}])
 def test_lightning_sets_epoch_and_resumes_exactly_from_a_mid_epoch_checkpoint(
-    fake_prepare: list[dict], tmp_path: Path
+    fake_prepare: list[dict], tmp_path: Path, context: dict | None
 ) -> None:
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
-    full = _fit(tmp_path, callbacks=[ckpt])
+    full = _fit(tmp_path, callbacks=[ckpt], context=context)
     n = len(full) // 2
     assert full[:n] != full[n:]  # Lightning called set_epoch: epoch 1 is ordered differently
     path = tmp_path / "ck" / "epoch=0-step=4.ckpt"
     state = torch.load(path, weights_only=False)["EliseDataModule"]
     assert state["epoch"] == 0 and state["batches_yielded"] == 4
-    assert _fit(tmp_path, ckpt_path=str(path)) == full[4:]
+    assert _fit(tmp_path, ckpt_path=str(path), context=context) == full[4:]
+
+
+@pytest.mark.slow  # a 2-step training run; the warning itself is tested above
+def test_training_without_a_val_split_warns_once_and_trains(fast_overrides, tmp_path: Path) -> None:
+    from elise.config import compose
+    from elise.train import train
+
+    overrides = [*fast_overrides, "data.val_count=0", "trainer.max_steps=2", f"hydra.run.dir={tmp_path}"]
+    cfg = compose("train", overrides, return_hydra_config=True)
+    with pytest.warns(UserWarning, match=r"no validation clips \(16 train\).*data\.val_count=") as caught:
+        train(cfg)
+    assert sum("no validation clips" in str(w.message) for w in caught) == 1
+    assert list(tmp_path.rglob("*.ckpt"))

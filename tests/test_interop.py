@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from elise.checkpoints import CheckpointError, load_model
+from elise.checkpoints import CheckpointError, load_model, load_transformers_dir
 from elise.generate import SamplingConfig, generate
-from elise.interop import byte_tokenizer_json, export_transformers_dir, load_transformers_dir
+from elise.interop import byte_tokenizer_json, export_transformers_dir
 from elise.layout import NUM_CODEBOOKS, pad_rows, segment_rows
 from elise.model.loss import csm_loss
 from elise.text import ByteTokenizer, HFTokenizer

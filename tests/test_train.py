@@ -92,6 +92,9 @@ def test_checkpoint_is_plain_data_and_loads_for_synthesis(base_run):
     assert ckpt["global_step"] == STEPS and "EliseDataModule" in ckpt
     loaded = load_model(path)
     assert loaded.source == "elise" and loaded.model.cfg.decoder.dim == 16
+    # the codec it was trained on is recorded (issue 10.2): synthesis and export default to it
+    assert loaded.codec is not None and loaded.codec["name"] == "tiny" and loaded.codec["weights_sha256"] is None
+    assert "seed" in loaded.codec["config"] and "device" not in loaded.codec["config"]
     module = EliseModule.load_from_checkpoint(path, map_location="cpu")
     assert torch.equal(module.model.audio_head, loaded.model.audio_head)
 

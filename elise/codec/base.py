@@ -10,6 +10,10 @@ import torch
 from torch import Tensor, nn
 
 
+class CodecUnavailable(RuntimeError):
+    """The codec's weights cannot be had (offline, no access, missing or corrupt file)."""
+
+
 class Codec(nn.Module, ABC):
     """Mimi-shaped audio codec.
 
@@ -24,6 +28,7 @@ class Codec(nn.Module, ABC):
     num_codebooks: int = 32
     cardinality: int = 2048
     random_weights: bool = False
+    weights_sha256: str | None = None  # sha256 of the weights file, for codecs loaded from one
 
     @property
     def samples_per_frame(self) -> int:

@@ -19,8 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from elise.codec import CodecUnavailable
-from elise.codec.base import Codec
+from elise.codec.base import Codec, CodecUnavailable
 from elise.codec.common import check_codes, check_wav, frames_from_lengths, pad_to_frames
 
 if TYPE_CHECKING:  # moshi is imported lazily at run time (only the Mimi codecs need it)
@@ -37,12 +36,20 @@ RANDOM_INIT_VERSION = 1  # bump when random_mimi's recipe changes
 class MimiCodec(Codec):
     """Wraps a ``moshi.models.compression.MimiModel``: fp32, eval mode, no grad, batched encode."""
 
-    def __init__(self, model: MimiModel, identity: str, batch_size: int = 8, random_weights: bool = False):
+    def __init__(
+        self,
+        model: MimiModel,
+        identity: str,
+        batch_size: int = 8,
+        random_weights: bool = False,
+        weights_sha256: str | None = None,
+    ):
         super().__init__()
         self.model = model.float().eval()
         self.num_codebooks = int(model.num_codebooks)
         self.batch_size = max(1, int(batch_size))
         self.random_weights = random_weights
+        self.weights_sha256 = weights_sha256
         self._identity = identity
 
     @property
@@ -119,8 +126,9 @@ def build_mimi(
             f"cannot load Mimi weights from {path} ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}); "
             "pass codec.weights=<file> or use codec=mimi_random"
         ) from err
-    identity = f"mimi(nq={num_codebooks},weights={path.name},sha256={file_sha256(path)[:16]})"
-    return MimiCodec(model, identity, batch_size=batch_size)
+    sha = file_sha256(path)
+    identity = f"mimi(nq={num_codebooks},weights={path.name},sha256={sha[:16]})"
+    return MimiCodec(model, identity, batch_size=batch_size, weights_sha256=sha)
 
 
 def build_mimi_random(

@@ -43,6 +43,17 @@ def resample(wav: np.ndarray, sr: int, target_sr: int = TARGET_SR) -> np.ndarray
     return soxr.resample(wav, sr, target_sr, quality="HQ").astype(np.float32, copy=False)  # [N']
 
 
+class _NamedIO(io.BytesIO):
+    """BytesIO whose repr (used in libsndfile's errors) is the name of the data, not an address."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.label = name
+
+    def __repr__(self) -> str:
+        return self.label
+
+
 def read_audio(src: str | Path | bytes, target_sr: int = TARGET_SR) -> np.ndarray:
     """Decode a path or encoded bytes to mono float32 [N] at ``target_sr``.
 
@@ -53,7 +64,7 @@ def read_audio(src: str | Path | bytes, target_sr: int = TARGET_SR) -> np.ndarra
     if isinstance(src, bytes | bytearray | memoryview):
         if len(src) == 0:
             raise AudioError("no audio bytes")
-        handle: io.BytesIO | str = io.BytesIO(bytes(src))
+        handle: io.BytesIO | str = _NamedIO(bytes(src), getattr(src, "name", "audio bytes"))
     else:
         path = Path(src)
         if not path.is_file():

@@ -16,6 +16,8 @@ Lightning wiring (checked against lightning 2.6):
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from elise.config import conf_defaults
 from elise.data.collate import collate
+from elise.data.context import ContextBatchSampler, ContextPlanner, ContextSettings
 from elise.data.dataset import CodesDataset
 from elise.data.items import PreparedData
 from elise.data.sampler import TokenBudgetBatchSampler
@@ -43,7 +46,9 @@ class EliseDataModule(pl.LightningDataModule):
     Args:
         data_cfg: the ``data`` config (dict or DictConfig): source keys for ``prepare`` plus
             ``max_tokens``, ``max_samples``, ``num_workers``, ``strict`` (defaults: conf/data/default.yaml),
-            ``bucket_size`` (None: 32 * max_samples), ``pin_memory`` (None: when CUDA is available).
+            ``bucket_size`` (None: 32 * max_samples), ``pin_memory`` (None: when CUDA is available),
+            ``context`` (``elise.data.context.ContextSettings``: p, max_segments, max_rows, loss_on;
+            checked here, so a bad setting fails before any data or model is loaded).
         codec_cfg: keyword arguments of ``elise.codec.build_codec`` (``name`` included).
         tokenizer_spec: ``"bytes"`` or a tokenizer.json path (``elise.text.build_tokenizer``).
         seed: seed of the batch order (epoch ``e`` uses ``seed + e``).
@@ -66,11 +71,15 @@ class EliseDataModule(pl.LightningDataModule):
         pin_memory = data_cfg.get("pin_memory") if data_cfg is not None else None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.cache_ready = False  # prepare_data ran in this process (train.py calls it early)
+        context = dict(conf_defaults("data/default").get("context") or {})
+        context.update((data_cfg.get("context") if data_cfg is not None else None) or {})
+        self.context = ContextSettings.from_cfg(context, self.max_tokens)
         self.prepared: PreparedData | None = None
         self.train_set: CodesDataset | None = None
         self.val_set: CodesDataset | None = None
         self.train_sampler: TokenBudgetBatchSampler | None = None
         self._pending_state: dict | None = None
+        self._report: dict = {}
 
     # ---- preparation ---------------------------------------------------------------------
 
@@ -87,7 +96,9 @@ class EliseDataModule(pl.LightningDataModule):
         """Encode and cache (once per process: a second call, Lightning's after train.py's, does nothing).
         State set here would not reach other ranks; ``setup`` reads the cache."""
         if not self.cache_ready:
-            self._prepare(progress=True)
+            prepared = self._prepare(progress=True)
+            self._report = prepared.report
+            self._planner(prepared.split("train"))  # ContextError now, before the model is built
             self.cache_ready = True
 
     def setup(self, stage: str | None = None) -> None:
@@ -95,15 +106,33 @@ class EliseDataModule(pl.LightningDataModule):
             self.prepared = self._prepare(progress=False)  # cache hits only after prepare_data
             self.train_set = CodesDataset(self.prepared.split("train"))
             self.val_set = CodesDataset(self.prepared.split("val"))
+            self._report = self.prepared.report
             if len(self.train_set) == 0 and stage in (None, "fit"):
                 raise ValueError(
                     f"no training examples left after preparation; report: {self.prepared.report}"
                 )
+            if len(self.val_set) == 0 and stage in (None, "fit", "validate"):
+                warnings.warn(
+                    f"no validation clips ({len(self.train_set)} train): validation is skipped; hold some out "
+                    "with data.val_fraction=<share, e.g. 0.05> or data.val_count=<clips>",
+                    stacklevel=2,
+                )
 
     @property
     def report(self) -> dict:
-        """The preparation report (kept/skipped counts by reason), empty before ``setup``."""
-        return self.prepared.report if self.prepared is not None else {}
+        """The preparation report (kept/skipped counts by reason), empty before preparation."""
+        return self._report
+
+    @property
+    def speakers(self) -> dict[str, int]:
+        """Speaker name -> id (the ``speaker=`` of synthesis), empty before preparation or when the
+        source names no speakers (every clip is then speaker 0)."""
+        return dict(self._report.get("speakers", {}))
+
+    def _planner(self, examples: list) -> ContextPlanner:
+        planner = ContextPlanner(examples, self.context, seed=self.seed)
+        planner.check()
+        return planner
 
     # ---- loaders -------------------------------------------------------------------------
 
@@ -114,9 +143,9 @@ class EliseDataModule(pl.LightningDataModule):
         return int(trainer.world_size), int(trainer.global_rank)
 
     def _sampler(self, dataset: CodesDataset, shuffle: bool) -> TokenBudgetBatchSampler:
+        """Training (shuffle) with ``data.context.p > 0``: a ``ContextBatchSampler``."""
         replicas, rank = self._world()
-        return TokenBudgetBatchSampler(
-            dataset.lengths,
+        kwargs = dict(
             max_tokens=self.max_tokens,
             max_samples=self.max_samples,
             shuffle=shuffle,
@@ -125,12 +154,15 @@ class EliseDataModule(pl.LightningDataModule):
             num_replicas=replicas,
             rank=rank,
         )
+        if shuffle and self.context.active:
+            return ContextBatchSampler(dataset.lengths, self._planner(dataset.examples), **kwargs)
+        return TokenBudgetBatchSampler(dataset.lengths, **kwargs)
 
     def _loader(self, dataset: CodesDataset, sampler: TokenBudgetBatchSampler) -> DataLoader:
         return DataLoader(
             dataset,
             batch_sampler=sampler,
-            collate_fn=collate,
+            collate_fn=functools.partial(collate, loss_on=self.context.loss_on),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -149,10 +181,12 @@ class EliseDataModule(pl.LightningDataModule):
         self.train_sampler = sampler
         return self._loader(self.train_set, sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         if self.val_set is None:
             self.setup("validate")
         assert self.val_set is not None
+        if len(self.val_set) == 0:  # no val clips (warned in setup): Lightning skips validation
+            return []
         return self._loader(self.val_set, self._sampler(self.val_set, shuffle=False))
 
     # ---- checkpoint state ----------------------------------------------------------------

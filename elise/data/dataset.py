@@ -9,7 +9,11 @@ from elise.layout import NUM_CODEBOOKS
 
 
 class CodesDataset(Dataset):
-    """``dataset[i]`` -> {"id", "text_ids", "codes" [32, T] long, "speaker"} of ``examples[i]``."""
+    """``dataset[i]`` -> {"id", "text_ids", "codes" [32, T] long, "speaker"} of ``examples[i]``.
+
+    ``dataset[(i, (j, k))]`` (what ``elise.data.context.ContextBatchSampler`` yields) adds
+    ``"context"``: the {"id", "text_ids", "codes"} of examples j, k, the segments that precede i.
+    """
 
     def __init__(self, examples: list[Example]):
         self.examples = list(examples)
@@ -22,7 +26,15 @@ class CodesDataset(Dataset):
         """Rows of each item's segment (text + audio + EOS), for the batch sampler."""
         return [e.num_rows for e in self.examples]
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, tuple[int, ...]]) -> dict:
+        if isinstance(index, tuple):
+            target, context = index
+            item = self._load(target)
+            item["context"] = [self._load(j) for j in context]
+            return item
+        return self._load(index)
+
+    def _load(self, index: int) -> dict:
         ex = self.examples[index]
         try:
             codes = ex.load_codes()  # [32, T]

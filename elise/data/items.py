@@ -21,6 +21,7 @@ class Example:
     codes_path: str
     frames: int
     split: str = "train"  # "train" | "val"
+    group: str | None = None  # conversation/session id when the source gives one (context clips come from it)
 
     @property
     def num_rows(self) -> int:

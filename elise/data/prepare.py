@@ -45,6 +45,8 @@ REASONS = (
 
 
 
+UNNAMED_SPEAKER = "(no speaker: id 0)"
+
 # Clips are collected for this many codec batches, then sorted by length and encoded (less padding).
 ENCODE_WINDOW = 8
 
@@ -118,6 +120,7 @@ def prepare(
             codes_path=str(cache.path(r["key"])),
             frames=run.frames[r["key"]],
             split=splits[r["id"]],
+            group=r["group"],
         )
         for r in run.kept
     ]
@@ -182,6 +185,7 @@ class _Run:
                 "text": text,
                 "speaker": speaker,
                 "speaker_name": item.speaker,
+                "group": item.group,
                 "text_ids": text_ids,
                 "key": key,
             }
@@ -296,6 +300,10 @@ def _report(
     for s in run.skipped:
         counts[s["reason"]] = counts.get(s["reason"], 0) + 1
     names = sorted({r["speaker_name"] for r in run.kept if r["speaker_name"] is not None})
+    clips = {n: 0 for n in names}
+    for r in run.kept:
+        name = r["speaker_name"] if r["speaker_name"] is not None else UNNAMED_SPEAKER
+        clips[name] = clips.get(name, 0) + 1
     return {
         "source": cfg["source"],
         "total": len(run.kept) + len(run.skipped),
@@ -307,7 +315,8 @@ def _report(
         "items": run.skipped,
         "encoded": run.encoded,
         "cached": run.cached,
-        "speakers": {n: run.speakers[n] for n in names},
+        "speakers": {n: run.speakers[n] for n in names},  # name -> id (the `speaker=` of synthesis)
+        "speaker_clips": clips,  # name -> kept clips (clips without a speaker: UNNAMED_SPEAKER, id 0)
         "codec": codec.identity,
         "cache_dir": str(cache.root),
         "seconds": round(secs, 3),
@@ -329,6 +338,10 @@ def print_report(report: dict) -> None:
     for reason, count in report["skipped"].items():
         if count:
             table.add_row(f"skipped: {reason}", str(count), style="yellow")
+    speakers = report.get("speakers", {})
+    for name, count in list(report.get("speaker_clips", {}).items())[:20]:
+        label = f"speaker {name} (id {speakers[name]})" if name in speakers else name
+        table.add_row(label, str(count))
     Console().print(table)
 
 

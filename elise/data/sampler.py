@@ -91,11 +91,12 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     def _sorted(self, idx: np.ndarray) -> np.ndarray:
         return idx[np.argsort(self.lengths[idx], kind="stable")]
 
-    def _pack(self, order: np.ndarray) -> list[list[int]]:
+    def _pack(self, order: np.ndarray, lengths: np.ndarray | None = None) -> list[list[int]]:
         """Greedy packing of indices sorted by ascending length (each new item is the longest)."""
+        lengths = self.lengths if lengths is None else lengths
         batches: list[list[int]] = []
         cur: list[int] = []
-        for i, n in zip(order.tolist(), self.lengths[order].tolist(), strict=True):
+        for i, n in zip(order.tolist(), lengths[order].tolist(), strict=True):
             if cur and (len(cur) + 1 > self.max_samples or (len(cur) + 1) * n > self.max_tokens):
                 batches.append(cur)
                 cur = []
@@ -104,12 +105,15 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             batches.append(cur)
         return batches
 
-    def _pack_windows(self, epoch: int) -> list[list[int]]:
+    def _pack_windows(self, epoch: int, lengths: np.ndarray | None = None) -> list[list[int]]:
+        """Permute with ``seed + epoch``, sort windows of ``bucket_size`` by ``lengths``, pack each."""
+        lengths = self.lengths if lengths is None else lengths
         rng = np.random.default_rng(self.seed + epoch)
         perm = rng.permutation(self._kept)
         batches = []
         for start in range(0, len(perm), self.bucket_size):
-            batches += self._pack(self._sorted(perm[start : start + self.bucket_size]))
+            window = perm[start : start + self.bucket_size]
+            batches += self._pack(window[np.argsort(lengths[window], kind="stable")], lengths)
         return batches
 
     @staticmethod

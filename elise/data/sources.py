@@ -8,7 +8,7 @@ Audio is not decoded here: an item holds a file path, or a loader that returns e
   ``save_to_disk`` folder).
 - ``ljspeech``: ``data.root`` with ``metadata.csv`` (``id|text``, ``id|speaker|text`` or LJSpeech's
   ``id|text|normalized_text``) and ``wavs/<id>.wav``.
-- ``manifest``: a JSONL file (``audio``, ``text``, optional ``speaker`` / ``id``), ``data.path``.
+- ``manifest``: a JSONL file (``audio``, ``text``, optional ``speaker`` / ``id`` / ``group``), ``data.path``.
 - ``sample``: the clips bundled in ``elise/assets/sample`` (read as ``ljspeech``; works offline).
 """
 
@@ -37,6 +37,7 @@ class RawItem:
 
     ``audio`` is a file path or a zero-argument loader returning a path or encoded bytes.
     ``error`` is set (reason, detail) when the source itself found the entry malformed.
+    ``group`` is the conversation/session the clip belongs to, when the source says.
     """
 
     id: str
@@ -44,6 +45,18 @@ class RawItem:
     speaker: str | None
     audio: Path | Callable[[], Path | bytes] | None
     error: tuple[str, str] | None = None
+    group: str | None = None
+
+
+class NamedBytes(bytes):
+    """Encoded audio bytes that know where they came from (``name``), for error messages."""
+
+    name: str
+
+    def __new__(cls, data: bytes, name: str) -> NamedBytes:
+        obj = super().__new__(cls, data)
+        obj.name = name
+        return obj
 
 
 def sample_root() -> Path:
@@ -155,7 +168,7 @@ def _find_audio(folder: Path, item_id: str) -> Path:
 
 
 def read_manifest(path: str | Path) -> list[RawItem]:
-    """JSONL lines ``{"audio": path, "text": ..., "speaker"?: ..., "id"?: ...}``.
+    """JSONL lines ``{"audio": path, "text": ..., "speaker"?: ..., "id"?: ..., "group"?: ...}``.
 
     Relative audio paths are relative to the manifest's folder. The id defaults to the audio path
     without its suffix.
@@ -180,7 +193,9 @@ def read_manifest(path: str | Path) -> list[RawItem]:
         speaker = None if row.get("speaker") is None else str(row["speaker"])
         text = row.get("text")
         text = text.strip() if isinstance(text, str) else ""
-        items.append(RawItem(item_id, text, speaker, audio if audio.is_absolute() else path.parent / audio))
+        group = None if row.get("group") is None else str(row["group"])
+        audio = audio if audio.is_absolute() else path.parent / audio
+        items.append(RawItem(item_id, text, speaker, audio, group=group))
     return items
 
 
@@ -188,7 +203,8 @@ def read_manifest(path: str | Path) -> list[RawItem]:
 
 
 def read_hf(name: str, path: str | Path | None = None, split: str = "train") -> list[RawItem]:
-    """A Hugging Face dataset with columns audio, text and optional speaker/speaker_name/id.
+    """A Hugging Face dataset with columns audio, text and optional speaker/speaker_name/id and
+    group/conversation_id.
 
     ``path`` (a parquet file, a folder of parquet files or a ``save_to_disk`` folder) is read
     instead of the hub. The audio column is cast to ``Audio(decode=False)`` and decoded by
@@ -204,24 +220,28 @@ def read_hf(name: str, path: str | Path | None = None, split: str = "train") -> 
     texts = ds["text"]
     spk_col = next((c for c in ("speaker", "speaker_name", "speaker_id") if c in ds.column_names), None)
     speakers = ds[spk_col] if spk_col else [None] * len(ds)
+    group_col = next((c for c in ("group", "conversation_id", "session") if c in ds.column_names), None)
+    groups = ds[group_col] if group_col else [None] * len(ds)
     ids = [str(i) for i in ds["id"]] if "id" in ds.column_names else [f"{i:06d}" for i in range(len(ds))]
     audio_col = ds.select_columns(["audio"])
+    where = str(path or name)
     return [
         RawItem(
             ids[i],
             texts[i].strip() if isinstance(texts[i], str) else "",
             None if speakers[i] is None else str(speakers[i]),
-            _row_loader(audio_col, i),
+            _row_loader(audio_col, i, f"{where} row {i}"),
+            group=None if groups[i] is None else str(groups[i]),
         )
         for i in range(len(ds))
     ]
 
 
-def _row_loader(ds: Any, index: int) -> Callable[[], Path | bytes]:
+def _row_loader(ds: Any, index: int, where: str) -> Callable[[], Path | bytes]:
     def load() -> Path | bytes:
         cell = ds[index]["audio"] or {}
-        if cell.get("bytes"):
-            return cell["bytes"]
+        if cell.get("bytes"):  # named by the row and the file name it was stored from
+            return NamedBytes(cell["bytes"], f"{where} ({cell['path']})" if cell.get("path") else where)
         if cell.get("path"):
             return Path(cell["path"])
         raise ValueError("row has neither audio bytes nor an audio path")

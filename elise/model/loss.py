@@ -67,10 +67,17 @@ def csm_loss(
     backbone_weight: float = 1.0,
     decoder_weight: float = 1.0,
     generator: torch.Generator | None = None,
+    target: Tensor | None = None,
 ) -> LossOutput:
-    """tokens, mask [B, S, 33] (right-padded) -> LossOutput."""
+    """tokens, mask [B, S, 33] (right-padded) -> LossOutput.
+
+    ``target`` [B, S] bool (``batch["target"]``): only audio rows marked there are predicted in the
+    loss (context segments are seen, not scored); None scores every audio row.
+    """
     h = model.backbone_hidden(tokens, mask)  # [B, S, Db]
     target_rows = is_audio_row(mask[:, 1:])  # [B, S-1]: row t+1 is audio
+    if target is not None:
+        target_rows = target_rows & target[:, 1:]
     h_t = h[:, :-1][target_rows]  # [N, Db]
     frames = tokens[:, 1:][target_rows][:, :NUM_CODEBOOKS]  # [N, 32] the true next frames
     n = frames.shape[0]
