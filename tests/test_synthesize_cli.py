@@ -12,7 +12,7 @@ import soundfile as sf
 
 from elise.config import compose
 from synthesize import quote_text_args
-from tests.test_synthesize import save_tiny
+from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
