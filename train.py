@@ -1,4 +1,4 @@
-"""python train.py trainer.devices=1 precision=bf16-mixed   |   python train.py -m optim.lr=1e-4,3e-4"""
+"""python train.py trainer.devices=1 trainer.precision=bf16-mixed   |   python train.py -m optim.lr=1e-4,3e-4"""
 
 import hydra
 from omegaconf import DictConfig

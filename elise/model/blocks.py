@@ -200,7 +200,6 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [T, hd]
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.gradient_checkpointing = False
 
     def blocks(self) -> Iterator[Block]:
         """The blocks of ``layers``, typed (nn.ModuleList yields plain Modules)."""
@@ -240,12 +239,7 @@ class Transformer(nn.Module):
         if cos.dim() == 3:  # per-item positions: broadcast over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    block, x, cos, sin, i, cache, attn_mask, use_reentrant=False
-                )
-            else:
-                x = block(x, cos, sin, i, cache, attn_mask)
+            x = block(x, cos, sin, i, cache, attn_mask)
         if cache is not None:
             cache.pos += s
         return self.norm(x)
