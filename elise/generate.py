@@ -69,17 +69,15 @@ class FrameGenerator:
         return self.h
 
     def _key_mask(self, s: int) -> Tensor | None:
-        """Bool [B, 1, s, keys] hiding left padding (None when there is none)."""
+        """Bool [B, 1, s, cache slots] hiding left padding (None when there is none); the backbone adds
+        causality at the cache position."""
         if self.pads is None or not bool(self.pads.any()):
             return None
-        start, keys = self.backbone_cache.pos, self.backbone_cache.pos + s
-        k = torch.arange(keys, device=self.device)
-        q = torch.arange(start, keys, device=self.device)
-        allowed = (k[None, :] <= q[:, None])[None] & (
-            k[None, None, :] >= self.pads[:, None, None]
-        )  # [B, s, keys]
+        k = torch.arange(self.backbone_cache.max_len, device=self.device)  # [max_len]
+        q = torch.arange(self.backbone_cache.pos, self.backbone_cache.pos + s, device=self.device)  # [s]
+        allowed = (k[None, None, :] >= self.pads[:, None, None]).expand(-1, s, -1)  # [B, s, max_len]
         # a fully padded query row would attend nothing (NaN): let it see itself
-        allowed |= (k[None, :] == q[:, None])[None]
+        allowed = allowed | (k[None, :] == q[:, None])[None]
         return allowed.unsqueeze(1)
 
     def _positions(self, s: int) -> Tensor | None:

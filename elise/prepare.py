@@ -8,7 +8,6 @@ one line on stderr.
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,8 +32,8 @@ def run(cfg: DictConfig) -> PreparedData:
     return data
 
 
-@hydra.main(config_path="conf", config_name="prepare", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """``python -m elise.prepare``'s body: a user error is one line and exit code 2."""
     try:
         run(cfg)
     except USER_ERRORS as err:
@@ -42,4 +41,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from elise.cli import main as cli_main
+
+    cli_main("prepare")

@@ -1,14 +1,14 @@
-"""``python -m elise.report <run dir>``: loss curves and per-codebook accuracy from metrics.csv -> report.png."""
+"""``python -m elise.report run_dir=<run dir>``: loss curves and per-codebook accuracy from metrics.csv -> report.png."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
-import sys
 from pathlib import Path
 
-from elise.errors import one_line
+from omegaconf import DictConfig
+
+from elise.errors import exit_with
 
 NUM_CODEBOOKS = 32
 
@@ -107,19 +107,16 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elise.report", description=__doc__)
-    parser.add_argument("run_dir", help="a training run dir (holding metrics.csv), or the csv itself")
-    parser.add_argument("--out", default=None, help="output PNG (default: <run dir>/report.png)")
-    args = parser.parse_args(argv)
+def main(cfg: DictConfig) -> None:
+    """``python -m elise.report run_dir=<dir> [out=<png>]``; a user error is one line, exit 2."""
     try:
-        path = write_report(args.run_dir, args.out)
+        path = write_report(cfg.run_dir, cfg.get("out"))
     except (FileNotFoundError, ValueError, OSError, ImportError) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        return 2
+        exit_with(err)
     print(path)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from elise.cli import main as cli_main
+
+    cli_main("report")

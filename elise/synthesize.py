@@ -178,3 +178,16 @@ def _write_json(path: Path, metrics: list[dict[str, Any]]) -> None:
         path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     except OSError as err:
         raise SynthesisError(f"cannot write metrics_out {path}: {one_line(err)}") from err
+
+
+def main(cfg: DictConfig) -> None:
+    """``python synthesize.py``'s body: ``run``, a user error as one line and exit code 2."""
+    from elise.checkpoints import CheckpointError
+    from elise.codec import CodecUnavailable
+    from elise.errors import exit_with
+    from elise.synthesis.errors import SynthesisError
+
+    try:
+        run(cfg)
+    except (SynthesisError, CheckpointError, CodecUnavailable, OSError) as err:
+        exit_with(err)

@@ -88,11 +88,15 @@ def test_lock_is_the_environment_the_tests_run_in():
 
 
 def test_report_without_matplotlib_is_a_one_line_hint(tmp_path, monkeypatch, capsys):
+    from omegaconf import OmegaConf
+
     from elise.report import main
 
     (tmp_path / "metrics.csv").write_text("step,train/loss\n0,1.0\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
-    assert main([str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(OmegaConf.create({"run_dir": str(tmp_path), "out": None}))
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install 'elise[report]'" in err
 

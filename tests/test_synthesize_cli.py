@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from elise.config import compose
-from synthesize import quote_text_args
 from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,24 +65,3 @@ def test_cli_run_writes_wav_with_unquoted_text(tmp_path):
     assert proc.returncode == 0, err
     assert sf.info(out).frames == 2 * 2 * 1920 + 3600  # two pieces of 2 frames + a 150 ms pause
     assert "RANDOM weights" in stdout + err and "o.wav: 0.47 s audio" in stdout + err
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "Hello, world.",
-        "Don't stop: a=b (x) [y] {z}",
-        "back\\slash \\' end",
-        "cost $5 ${oops}",
-        "tail\\",
-        'say "hi"',
-    ],
-)
-def test_quote_text_args_round_trips(text):
-    [arg] = quote_text_args([f"text={text}"])
-    assert compose("synthesize", ["codec=tiny", arg]).text == text  # through Hydra and OmegaConf
-    assert quote_text_args(["reference_text=[a,b]", "text='q'", "seed=1"]) == [
-        "reference_text=[a,b]",
-        "text='q'",
-        "seed=1",
-    ]

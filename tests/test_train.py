@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from elise.config import compose
 from elise.report import main as report_main
@@ -212,7 +213,9 @@ def test_report_png(base_run, tmp_path):
     out = write_report(base_run[0])
     assert out.name == "report.png" and out.stat().st_size > 20_000
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert report_main([str(tmp_path)]) == 2  # no metrics.csv: one-line error, not a traceback
+    with pytest.raises(SystemExit) as exited:  # no metrics.csv: one-line error, not a traceback
+        report_main(OmegaConf.create({"run_dir": str(tmp_path), "out": None}))
+    assert exited.value.code == 2
 
 
 @pytest.mark.parametrize(

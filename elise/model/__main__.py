@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
-from elise.config import compose, to_dict
+from omegaconf import DictConfig
+
+from elise.config import to_dict
 from elise.model import build_model
 
 
-def main(argv: list[str]) -> None:
-    cfg = compose("train", [a for a in argv if a.startswith("model")] or ["model=tiny"])
+def main(cfg: DictConfig) -> None:
     model_cfg = to_dict(cfg.model)
     import torch
 
@@ -25,4 +25,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from elise.cli import main as cli_main
+
+    cli_main("model_info")

@@ -16,6 +16,11 @@ from torch import Tensor, nn
 
 from elise.model.config import TransformerConfig
 
+# compiled (static-shape) steps: inputs of at most this many rows (a decode step: 1, the decoder's first: 2)
+MAX_COMPILED_ROWS = 2
+# ... and cache lengths rounded up to a multiple of this
+CACHE_BUCKET = 256
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -56,7 +61,8 @@ def rotate_half(x: Tensor) -> Tensor:
 class KVCache:
     """Preallocated key/value cache for every layer of one stack: [layers, B, kv_heads, max_len, head_dim].
 
-    ``pos`` is the number of positions already written; the stack advances it after each forward.
+    Slot j holds the keys/values of the j-th row fed to the stack; ``pos`` is the number of slots
+    written (the stack advances it after each forward).
     """
 
     def __init__(self, cfg: TransformerConfig, batch_size: int, max_len: int, dtype: torch.dtype, device):
@@ -69,13 +75,27 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        end = self.pos + k.shape[2]
+    def next_slots(self, s: int) -> Tensor:
+        """The slots [s] the next ``s`` rows are written to."""
+        end = self.pos + s
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} positions > {self.max_len}")
-        self.k[layer, :, :, self.pos : end] = k
-        self.v[layer, :, :, self.pos : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return torch.arange(self.pos, end, device=self.k.device)
+
+
+def cache_mask(slots: Tensor, max_len: int, attn_mask: Tensor | None) -> Tensor:
+    """Bool mask [B or 1, 1, S, max_len] over every cache slot: query row i (written to ``slots[i]``)
+    sees slot j iff j <= slots[i] (causal at any cache position, for chunks of any length; later slots
+    are not written yet) and ``attn_mask`` (a caller's [B, 1, S, max_len] mask, e.g. padding) allows it."""
+    causal = torch.arange(max_len, device=slots.device)[None, :] <= slots[:, None]  # [S, max_len]
+    if attn_mask is None:
+        return causal[None, None]
+    if attn_mask.dim() != 4 or attn_mask.shape[2:] != causal.shape:
+        raise ValueError(
+            f"with a KV cache, attn_mask must be [B, 1, S, max_len] = [B, 1, {slots.shape[0]}, {max_len}], "
+            f"got {list(attn_mask.shape)}"
+        )
+    return attn_mask & causal
 
 
 class FusedMatmul:
@@ -130,10 +150,13 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        layer: int = 0,
-        cache: KVCache | None = None,
+        kv: tuple[Tensor, Tensor] | None = None,
+        slots: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
+        """x [B, S, D]. Without ``kv``: causal self-attention (or ``attn_mask`` [B, 1, S, S], True =
+        attend). With ``kv`` (this layer's cache [B, KV, keys, hd] each): the new keys/values are written
+        to ``slots`` [S] and the queries attend to every slot under ``attn_mask`` [B or 1, 1, S, keys]."""
         b, s, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
@@ -141,12 +164,19 @@ class Attention(nn.Module):
         v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, KV, S, hd]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # [B, KV, pos+S, hd]
-        # causal when queries and keys start together and no explicit mask is given
-        causal = attn_mask is None and s > 1 and k.shape[2] == s
+        if kv is not None:
+            assert slots is not None and attn_mask is not None, "a cached attention needs slots and a mask"
+            kv[0].index_copy_(2, slots, k)
+            kv[1].index_copy_(2, slots, v)
+            k, v = kv  # [B, KV, keys, hd]
+        # no shape-dependent flag: is_causal only for the uncached, unmasked (training) pass
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=causal, enable_gqa=self.num_heads != self.num_kv_heads
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=attn_mask is None,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, S, hd]
         o = o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [B, S, H*hd]
         return (fast_path(self, "o") or self.o_proj)(o)
@@ -178,8 +208,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg.dim, cfg.mlp_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layer: int, cache, attn_mask) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, cache, attn_mask)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        kv: tuple[Tensor, Tensor] | None = None,
+        slots: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, slots, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -200,6 +238,7 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [T, hd]
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        self.compiled_step: Callable[..., Tensor] | None = None  # set by compile_step
 
     def blocks(self) -> Iterator[Block]:
         """The blocks of ``layers``, typed (nn.ModuleList yields plain Modules)."""
@@ -217,7 +256,44 @@ class Transformer(nn.Module):
         return self
 
     def make_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
-        return KVCache(self.cfg, batch_size, min(max_len, self.cfg.max_seq_len), dtype, device)
+        if self.compiled_step is not None:
+            # compiled steps have static shapes: round the length up so requests share a few graphs
+            max_len = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        cache = KVCache(self.cfg, batch_size, min(max_len, self.cfg.max_seq_len), dtype, device)
+        if self.compiled_step is not None:  # CUDA graphs update the cache in place at a fixed address
+            torch._dynamo.mark_static_address(cache.k, guard=False)
+            torch._dynamo.mark_static_address(cache.v, guard=False)
+        return cache
+
+    def compile_step(self, backend: str = "inductor", mode: str | None = None) -> Transformer:
+        """Compile the cached step of one or two rows (a decode step) into one graph with static shapes:
+        the cache, slots, RoPE angles and mask enter as tensors, so nothing guards on a Python int
+        (cache position, layer index). ``mode`` defaults to CUDA graphs (``reduce-overhead``) on a GPU.
+        Longer inputs (prompt prefill) stay eager."""
+        if mode is None and backend == "inductor" and self.rope_cos.is_cuda:
+            mode = "reduce-overhead"
+        self.compiled_step = torch.compile(self.step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        return self
+
+    def rope(self, positions: Tensor | None, start: int, s: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin [S, hd] (or [B, 1, S, hd] for per-item ``positions`` [B, S]); default positions
+        start + arange(S)."""
+        if positions is None:  # contiguous positions: a view of the tables, no gather
+            cos, sin = self.rope_cos[start : start + s], self.rope_sin[start : start + s]  # [S, hd]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [S, hd] or [B, S, hd]
+        if cos.dtype != dtype:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+        if cos.dim() == 3:  # per-item positions: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
+
+    def step(self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+        """The cached pass over tensors only: x [B, S, dim]; k, v [layers, B, KV, keys, hd] (written at
+        ``slots`` [S]); mask bool [B or 1, 1, S, keys] -> hidden [B, S, dim]."""
+        for block, k_layer, v_layer in zip(self.blocks(), k.unbind(0), v.unbind(0), strict=True):
+            x = block(x, cos, sin, (k_layer, v_layer), slots, mask)
+        return self.norm(x)
 
     def forward(
         self,
@@ -226,20 +302,22 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
-        """x [B, S, dim]; positions [S] or [B, S] (default: cache.pos + arange(S)); attn_mask bool
-        [B, 1, S, keys] (True = attend) when needed (padding in batched generation)."""
+        """x [B, S, dim]; positions [S] or [B, S] (default: cache.pos + arange(S)). attn_mask bool, True =
+        attend: [B, 1, S, S] without a cache; with a cache [B, 1, S, cache.max_len] over every cache
+        slot (e.g. hiding left padding), combined with causality at the cache position."""
         s = x.shape[1]
-        if positions is None:  # contiguous positions: a view of the tables, no gather
-            start = cache.pos if cache is not None else 0
-            cos, sin = self.rope_cos[start : start + s], self.rope_sin[start : start + s]  # [S, hd]
-        else:
-            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [S, hd] or [B, S, hd]
-        if cos.dtype != x.dtype:
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        if cos.dim() == 3:  # per-item positions: broadcast over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, i, cache, attn_mask)
-        if cache is not None:
-            cache.pos += s
-        return self.norm(x)
+        cos, sin = self.rope(positions, cache.pos if cache is not None else 0, s, x.dtype)
+        if cache is None:
+            for block in self.blocks():
+                x = block(x, cos, sin, None, None, attn_mask)
+            return self.norm(x)
+        slots = cache.next_slots(s)  # [S]
+        mask = cache_mask(slots, cache.max_len, attn_mask)  # [B or 1, 1, S, max_len]
+        if self.compiled_step is not None and s <= MAX_COMPILED_ROWS:
+            # every slot (static shapes); a copy: CUDA graphs reuse their output buffer
+            h = self.compiled_step(x, cos, sin, cache.k, cache.v, slots, mask).clone()
+        else:  # eager: only the slots written so far
+            end = cache.pos + s
+            h = self.step(x, cos, sin, cache.k[..., :end, :], cache.v[..., :end, :], slots, mask[..., :end])
+        cache.pos += s
+        return h

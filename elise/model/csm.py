@@ -43,6 +43,12 @@ class CSM(nn.Module):
         self.decoder.fuse()
         return self
 
+    def compile_steps(self, backend: str = "inductor", mode: str | None = None) -> CSM:
+        """Compile the one-frame decode steps of both stacks (see Transformer.compile_step)."""
+        self.backbone.compile_step(backend, mode)
+        self.decoder.compile_step(backend, mode)
+        return self
+
     def reset_parameters(self) -> None:
         """From-scratch init: embeddings N(0, 1/sqrt(d)), block linears N(0, 0.02), heads zero
         (so the initial loss is ln(2051) = 7.63 on every codebook)."""

@@ -52,10 +52,8 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
         quantize_int8(model)
         log.info("quantize=int8: int8 weight-only matmuls for both stacks, the projection and the heads")
     if compile:
-        # dynamic=True: the KV-cache length grows every step; without it every length recompiles
-        model.backbone.compile(dynamic=True)
-        model.decoder.compile(dynamic=True)
-        log.info("compile=true: backbone and decoder compiled with torch.compile (first frames compile)")
+        model.compile_steps()
+        log.info("compile=true: the decode steps of backbone and decoder compiled (static shapes; first frames compile)")
     return model
 
 
