@@ -254,6 +254,29 @@ def _help_line(name: str, value: Any, meaning: str) -> str:
 # ---- the entry ----------------------------------------------------------------------------------
 
 
+def claim_run_dir(config_name: str, argv: list[str]) -> list[str]:
+    """``argv`` plus ``hydra.run.dir=<a new dir>`` (``hydra.sweep.dir`` with ``-m``) when the config's
+    dir is time-stamped and the user named none: created here with a plain mkdir, so two runs started
+    in the same second get ``<time>`` and ``<time>-2`` instead of sharing one."""
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
+    if any(a.lstrip("+").startswith(f"{key}=") for a in argv):
+        return argv
+    cfg = compose(config_name, [a for a in argv if not a.startswith("-")], return_hydra_config=True)
+    section, name = key.split(".")[1:]
+    if "${now:" not in str(cfg.hydra[section]._get_node(name)._value()):
+        return argv
+    path = Path(str(OmegaConf.select(cfg, key)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return [*argv, f"{key}={quote_verbatim(str(candidate))}"]
+    raise FileExistsError(f"{path}: 10000 runs started in the same second")
+
+
 # command: (config name, "module:function" given the composed config, how a user types it)
 COMMANDS = {
     "train": ("train", "elise.train:main", "python train.py"),
@@ -277,7 +300,17 @@ def main(command: str, argv: list[str] | None = None) -> Any:
         print(help_text(config_name, prog))
         raise SystemExit(0)
     argv = verbatim_args(argv)
-    check_overrides(config_name, argv)
+    cfg = check_overrides(config_name, argv)
+    if command == "train":
+        from elise.preflight import UserError, preflight
+
+        try:
+            preflight(cfg)
+        except UserError as err:
+            exit_with(err)
+    argv = claim_run_dir(config_name, argv)
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv.append(f"hydra.job.name={config_name}")  # train.log, not cli.log
     module, function = target.split(":")
     task = getattr(importlib.import_module(module), function)  # after the checks: errors stay fast
 
