@@ -1,35 +1,90 @@
 """``python -m elise.export ckpt=<elise checkpoint> out=<dir>``: write a transformers "csm" directory.
 
-The result loads with ``CsmForConditionalGeneration.from_pretrained(out)`` (codec weights are not
-part of an elise checkpoint: transformers initialises its Mimi from the default Mimi config unless
-``codec_config=<config.json of a Mimi/CSM model>`` is given).
+The result loads with ``CsmForConditionalGeneration.from_pretrained(out)``. A model trained on Mimi
+(``mimi`` or the seeded ``mimi_random``) is exported with its Mimi weights (``codec_model.*``) and
+the processor files, so the transformers recipe (``AutoProcessor`` + ``generate(...,
+output_audio=True)``) gives the audio elise's greedy synthesis gives. ``elise.json`` records the
+codec identity and the speaker map. A model trained on another codec (``tiny``) gets no Mimi codec.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
 from elise.checkpoints import CheckpointError, load_model
+from elise.codec import CodecUnavailable
 from elise.errors import exit_with
-from elise.interop import export_transformers_dir
+
+MIMI_CODECS = ("mimi", "mimi_random")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done as asked (one-line message)."""
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, codec_config: dict[str, Any] | None = None, overwrite: bool = False
+) -> list[Path]:
+    """Export ``ckpt`` (an elise checkpoint or transformers directory) to ``out``; returns the files written.
+
+    Raises:
+        ExportError: ``out`` holds files and ``overwrite`` is false; a Mimi ``codec_config`` was given
+            for a model trained on another codec.
+        CheckpointError, CodecUnavailable: the checkpoint or its Mimi weights cannot be read.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ExportError(f"out={out} exists and is not empty; pass overwrite=true to replace its files")
+    loaded = load_model(ckpt)
+    codec = loaded.codec
+    trained_on = codec["name"] if codec else None
+    if codec_config is not None and trained_on is not None and trained_on not in MIMI_CODECS:
+        raise ExportError(
+            f"the model was trained on codec={trained_on}, not Mimi: refusing to write a Mimi codec_config"
+        )
+    codec_state = None
+    if trained_on in MIMI_CODECS:
+        from transformers import MimiConfig
+
+        from elise.codec import build_codec
+        from elise.interop import mimi_to_transformers
+
+        mimi = build_codec(trained_on, **dict(codec.get("config") or {}))  # type: ignore[union-attr]
+        mimi_config = MimiConfig(**(codec_config or {}))
+        codec_state = mimi_to_transformers(mimi.model.state_dict(), mimi_config)
+        codec_config = mimi_config.to_dict()
+    from elise.interop import export_transformers_dir
+
+    record = {"codec": codec, "speakers": loaded.speakers, "exported_from": str(ckpt)}
+    files = export_transformers_dir(loaded.model, loaded.tokenizer, out, codec_config, codec_state, record)
+    mode = 0o666 & ~_umask()  # what a plain open() gives: safetensors/tempfiles may write 0600
+    for f in files:
+        os.chmod(f, mode)
+    return files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main(cfg: DictConfig) -> None:
     """``python -m elise.export ckpt=... out=...`` (elise/conf/export.yaml); user errors exit 2."""
-    args = {"ckpt": cfg.ckpt, "out": cfg.out, "codec_config": cfg.get("codec_config")}
     try:
-        loaded = load_model(args["ckpt"])
         codec_config = None
-        if args.get("codec_config"):
-            raw = json.loads(Path(args["codec_config"]).read_text())
+        if cfg.get("codec_config"):
+            raw = json.loads(Path(str(cfg.codec_config)).read_text())
             codec_config = raw.get("codec_config", raw)
-        out = export_transformers_dir(loaded.model, loaded.tokenizer, args["out"], codec_config)
-    except (CheckpointError, OSError, json.JSONDecodeError) as e:
+        files = export_checkpoint(str(cfg.ckpt), str(cfg.out), codec_config, bool(cfg.get("overwrite", False)))
+    except (ExportError, CheckpointError, CodecUnavailable, OSError, json.JSONDecodeError) as e:
         exit_with(e)
-    print(f"exported {args['ckpt']} -> {out} (config.json, model.safetensors, tokenizer.json)")
+    print(f"exported {cfg.ckpt} -> {cfg.out} ({', '.join(f.name for f in files)})")
 
 
 if __name__ == "__main__":

@@ -142,9 +142,26 @@ def config_to_transformers(
         kwargs["codec_config"] = codec_config
     if bos is not None:
         kwargs["bos_token_id"] = bos
+    kwargs.update(_text_token_ids(tokenizer))
     out = CsmConfig(**kwargs).to_dict()
+    if codec_config is None:  # CsmConfig fills in a random Mimi: a model of another codec gets none
+        out.pop("codec_config", None)
     out["architectures"] = ["CsmForConditionalGeneration"]
     return out
+
+
+def _text_token_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
+    """pad/eos/audio token ids of the text vocabulary: CsmConfig's defaults are Llama-3 ids (128002...),
+    out of range for a smaller vocabulary (transformers then warns on every load)."""
+    ids: dict[str, int | None] = {}  # no eos_token_id: CSM's generate stops on the codebook EOS frame
+    if isinstance(tokenizer, HFTokenizer):
+        pad = tokenizer.token_to_id("<|finetune_right_pad_id|>")
+        ids["pad_token_id"] = pad if pad is not None else tokenizer.token_to_id("<pad>")
+        ids["audio_token_id"] = tokenizer.token_to_id("<|AUDIO|>")
+        ids["audio_eos_token_id"] = tokenizer.token_to_id("<|audio_eos|>")
+    else:  # the byte tokenizer: no audio placeholder tokens
+        ids.update(pad_token_id=ByteTokenizer.pad_id, audio_token_id=None, audio_eos_token_id=None)
+    return ids
 
 
 # ---- weights --------------------------------------------------------------------------------------
@@ -217,19 +234,58 @@ def read_transformers_dir(path: str | Path) -> tuple[CSM, HFTokenizer | None, di
 
 
 def export_transformers_dir(
-    model: CSM, tokenizer: Tokenizer, out: str | Path, codec_config: dict[str, Any] | None = None
-) -> Path:
-    """Write ``model`` as a transformers "csm" directory (config.json, model.safetensors, tokenizer.json)."""
+    model: CSM,
+    tokenizer: Tokenizer,
+    out: str | Path,
+    codec_config: dict[str, Any] | None = None,
+    codec_state: dict[str, torch.Tensor] | None = None,
+    record: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Write ``model`` as a transformers "csm" directory; returns the files written.
+
+    Always: config.json, model.safetensors, tokenizer.json, elise.json (``record``: codec identity and
+    speakers). With ``codec_state`` (a transformers ``MimiModel`` state dict, ``mimi_to_transformers``)
+    the codec weights go in as ``codec_model.*`` and the processor files are written, so that
+    ``AutoProcessor.from_pretrained(out)`` and ``generate(..., output_audio=True)`` work.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {to_transformers_key(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
     state[TIED_DECODER_EMBEDDINGS] = state["backbone_model.embed_tokens.embed_audio_tokens.weight"].clone()
+    for key, value in (codec_state or {}).items():
+        state["codec_model." + key] = value.detach().float().contiguous()
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = config_to_transformers(model.cfg, tokenizer, codec_config)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tok_json = tokenizer.json if isinstance(tokenizer, HFTokenizer) else byte_tokenizer_json()
     (out / "tokenizer.json").write_text(tok_json, encoding="utf-8")
-    return out
+    (out / ELISE_JSON).write_text(json.dumps(record or {}, indent=2, sort_keys=True), encoding="utf-8")
+    if codec_state is not None:
+        _write_processor(out, tokenizer)
+    return sorted(p for p in out.iterdir() if p.is_file())
+
+
+def _write_processor(out: Path, tokenizer: Tokenizer) -> None:
+    """preprocessor_config.json, processor and tokenizer configs: what ``AutoProcessor`` reads."""
+    from transformers import CsmProcessor, EncodecFeatureExtractor, PreTrainedTokenizerFast
+
+    specials = {}
+    ids = {"bos": getattr(tokenizer, "bos_id", None), "eos": getattr(tokenizer, "eos_id", None)}
+    ids["pad"] = _text_token_ids(tokenizer)["pad_token_id"]
+    for role in ("bos", "eos", "pad"):
+        token_id = ids[role]
+        if token_id is not None:
+            specials[f"{role}_token"] = _token(tokenizer, token_id)
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"), **specials)
+    features = EncodecFeatureExtractor(feature_size=1, sampling_rate=24_000)
+    CsmProcessor(features, fast).save_pretrained(out)
+    features.save_pretrained(out)  # preprocessor_config.json, for readers of the feature extractor alone
+
+
+def _token(tokenizer: Tokenizer, token_id: int) -> str:
+    if isinstance(tokenizer, HFTokenizer):
+        return str(tokenizer.id_to_token(token_id))
+    return {ByteTokenizer.bos_id: "<s>", ByteTokenizer.eos_id: "</s>", ByteTokenizer.pad_id: "<pad>"}[token_id]
 
 
 def byte_tokenizer_json() -> str:
@@ -272,3 +328,72 @@ def _bytes_to_unicode() -> list[str]:
             n += 1
     table = dict(zip(bs, cs, strict=True))
     return [chr(table[b]) for b in range(256)]
+
+
+# ---- the Mimi codec (moshi layout -> transformers MimiModel layout) -------------------------------
+# substring renames, applied in order (moshi's names on the left, transformers' on the right)
+MIMI_RENAMES = [
+    ("conv.conv.conv", "conv"),
+    ("convtr.convtr.convtr", "conv"),
+    ("conv.conv", "conv"),
+    ("convtr.convtr", "conv"),
+    ("quantizer.rvq_first.vq", "quantizer.semantic_residual_vector_quantizer"),
+    ("quantizer.rvq_first", "quantizer.semantic_residual_vector_quantizer"),
+    ("quantizer.rvq_rest.vq", "quantizer.acoustic_residual_vector_quantizer"),
+    ("quantizer.rvq_rest", "quantizer.acoustic_residual_vector_quantizer"),
+    ("_codebook", "codebook"),
+    ("_initialized", "initialized"),
+    ("embedding_sum", "embed_sum"),
+    ("encoder.model", "encoder.layers"),
+    ("decoder.model", "decoder.layers"),
+    ("encoder_transformer.transformer", "encoder_transformer"),
+    ("decoder_transformer.transformer", "decoder_transformer"),
+    ("linear1", "mlp.fc1"),
+    ("linear2", "mlp.fc2"),
+    ("self_attn.out_proj", "self_attn.o_proj"),
+    ("self_attn.o_projs.0", "self_attn.o_proj"),  # moshi >= 0.2 keeps one projection per context
+    ("self_attn.in_projs.0.weight", "self_attn.in_proj_weight"),
+    ("norm1", "input_layernorm"),
+    ("norm2", "post_attention_layernorm"),
+    ("layer_scale_1", "self_attn_layer_scale"),
+    ("layer_scale_2", "mlp_layer_scale"),
+]
+# then transformers >= 5 nests the parts under encoder./decoder. (prefix renames)
+MIMI_PREFIXES = [
+    ("encoder.layers.", "encoder.encoder_seanet.layers."),
+    ("decoder.layers.", "decoder.decoder_seanet.layers."),
+    ("encoder_transformer.", "encoder.encoder_transformer."),
+    ("decoder_transformer.", "decoder.decoder_transformer."),
+    ("downsample.", "encoder.downsample."),
+    ("upsample.", "decoder.upsample."),
+]
+
+
+def mimi_to_transformers(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """A moshi ``MimiModel`` state dict under transformers' ``MimiModel`` names.
+
+    moshi's fused ``in_proj_weight`` is split into q/k/v, and q/k rows are permuted from moshi's
+    interleaved rotary layout to transformers' rotate-half layout.
+    """
+    head_dim = config.head_dim
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = key
+        for old, new in MIMI_RENAMES:
+            name = name.replace(old, new)
+        name = next((new + name[len(old) :] for old, new in MIMI_PREFIXES if name.startswith(old)), name)
+        if "in_proj_weight" not in name:
+            out[name] = value
+            continue
+        q, k, v = value.chunk(3)  # [H * Dh, dim] each (Mimi's transformers have as many kv as q heads)
+        out[name.replace("in_proj_weight", "q_proj.weight")] = _rotate_half_rows(q, head_dim)
+        out[name.replace("in_proj_weight", "k_proj.weight")] = _rotate_half_rows(k, head_dim)
+        out[name.replace("in_proj_weight", "v_proj.weight")] = v
+    return out
+
+
+def _rotate_half_rows(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rows of each head reordered from interleaved pairs (x0, x1), (x2, x3)... to halves."""
+    rows, cols = w.shape
+    heads = rows // head_dim
+    return w.view(heads, head_dim // 2, 2, cols).transpose(1, 2).reshape(rows, cols)

@@ -12,7 +12,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # special tokens that start / end a prompt in the tokenizers CSM-style models use (Llama 3, SmolLM2, ...)
-BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<|endoftext|>")
+BOS_TOKENS = ("<|begin_of_text|>", "<s>")  # SmolLM2 (Marvis) has none: its BOS comes from the model config
 EOS_TOKENS = ("<|end_of_text|>", "</s>", "<|endoftext|>")
 
 
@@ -82,6 +82,12 @@ class HFTokenizer:
         if not adds_eos and self.eos_id is not None:
             self._append = [self.eos_id]
             added.append(f"EOS {self.eos_id} ({self._tok.id_to_token(self.eos_id)})")
+        missing = [name for name, i in (("BOS", self.bos_id), ("EOS", self.eos_id)) if i is None]
+        if missing:
+            log.warning(
+                "tokenizer %s adds no %s and has no known token for it: prompts lack it "
+                "(CSM prompts are <bos>[speaker]text<eos>)", spec, " or ".join(missing),
+            )
         if added:
             log.info(
                 "tokenizer %s does not add %s itself: elise adds them (CSM prompts are <bos>[speaker]text<eos>)",
@@ -98,6 +104,12 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
 
 
 Tokenizer = ByteTokenizer | HFTokenizer

@@ -160,9 +160,8 @@ def test_greedy_generation_equals_transformers(reference):
 
 def test_export_roundtrip_loads_in_transformers(reference, tmp_path):
     ref, _, loaded = reference
-    out = export_transformers_dir(
-        loaded.model, loaded.tokenizer, tmp_path / "exported", ref.config.codec_config.to_dict()
-    )
+    out = tmp_path / "exported"
+    export_transformers_dir(loaded.model, loaded.tokenizer, out, ref.config.codec_config.to_dict())
     back, info = transformers.CsmForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     not_codec = lambda keys: [k for k in keys if not k.startswith("codec_model.")]  # noqa: E731
     assert not_codec(info["missing_keys"]) == [] and not_codec(info["unexpected_keys"]) == []
@@ -179,6 +178,75 @@ def test_byte_tokenizer_json_matches_byte_tokenizer():
     for text in ["[0]Hello <laughs> there!", "naïve café ☕ 日本語", ""]:
         assert hf.encode(text) == ByteTokenizer().encode(text)
         assert hf.decode(hf.encode(text)) == text
+
+
+def test_untied_different_audio_tables_are_refused(reference, tmp_path):
+    """Issue 18.1: two different audio embedding tables are refused in one line, never one picked."""
+    ref, _, _ = reference
+    config = tiny_csm_config()
+    config.tie_codebooks_embeddings = False
+    torch.manual_seed(1)
+    untied = transformers.CsmForConditionalGeneration(config).eval()
+    table = untied.backbone_model.embed_tokens.embed_audio_tokens.weight
+    untied.depth_decoder.model.embed_tokens.weight = torch.nn.Parameter(torch.randn_like(table))
+    untied.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "model.safetensors")
+    assert not torch.equal(  # the situation of the issue: two different tables in the file
+        saved["depth_decoder.model.embed_tokens.weight"],
+        saved["backbone_model.embed_tokens.embed_audio_tokens.weight"],
+    )
+    (tmp_path / "tokenizer.json").write_text(byte_tokenizer_json())
+    with pytest.raises(CheckpointError, match="audio embedding tables differ .*will not pick one") as err:
+        load_model(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_directory_without_tokenizer_json(reference, tmp_path):
+    """Issue 18.2: no tokenizer.json is an error unless the text table is the 259-id byte one."""
+    import shutil
+
+    _, path, _ = reference
+    shutil.copytree(path, tmp_path / "bytes")
+    (tmp_path / "bytes" / "tokenizer.json").unlink()
+    assert isinstance(load_model(tmp_path / "bytes").tokenizer, ByteTokenizer)  # text_vocab_size 259
+    big = tiny_csm_config()
+    big.text_vocab_size = 49_152
+    transformers.CsmForConditionalGeneration(big).save_pretrained(tmp_path / "big")
+    with pytest.raises(CheckpointError, match="no tokenizer.json .*49152 ids.*pass tokenizer="):
+        load_model(tmp_path / "big")
+
+
+def llama_style_tokenizer_json(add_eos: bool) -> str:
+    """A tiny word-level tokenizer.json whose post-processor adds BOS (and EOS when asked), like Llama 3.2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "[UNK]": 2, "[0]hello": 3, "there": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    single = "<|begin_of_text|> $A" + (" <|end_of_text|>" if add_eos else "")
+    tok.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[("<|begin_of_text|>", 0), ("<|end_of_text|>", 1)]
+    )
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    return tok.to_str()
+
+
+def test_tokenizer_that_adds_bos_only_gets_eos_added(tmp_path, caplog):
+    """Issue 18.3: CSM prompts are <bos>[speaker]text<eos>; a Llama-style file adds BOS only."""
+    import logging
+
+    from elise.text import build_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(llama_style_tokenizer_json(add_eos=False))
+    with caplog.at_level(logging.INFO, logger="elise.text"):
+        tok = build_tokenizer(tmp_path / "tokenizer.json")
+    assert tok.encode("[0]hello there") == [0, 3, 4, 1]
+    lines = [r.getMessage() for r in caplog.records if "adds them" in r.getMessage()]
+    assert len(lines) == 1 and "EOS 1 (<|end_of_text|>)" in lines[0] and "BOS" not in lines[0]
+    complete = HFTokenizer.from_json(llama_style_tokenizer_json(add_eos=True))
+    assert complete.encode("[0]hello there") == [0, 3, 4, 1]  # nothing added twice
 
 
 def test_bad_directory_is_one_line_error(tmp_path):
