@@ -71,7 +71,9 @@ def test_int8_matmul_close_to_fp32():
     assert not torch.equal(Int8Matmul([w])(x), ref)  # it really is quantized
 
 
-def test_quantize_int8_generates_close_codes_and_can_be_undone():
+def test_quantize_int8_close_logits_and_can_be_undone():
+    """Random weights have near-tied logits, so int8 greedy codes drift apart after a few codes; the
+    accuracy on a trained model is tests/test_quant.py's. Here: close logits, a measured code overlap."""
     model = random_model("tiny", seed=1)
     codes = greedy(model, 4)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,7 +86,7 @@ def test_quantize_int8_generates_close_codes_and_can_be_undone():
     for ref, got in ((ref0, got0), (ref1, got1)):  # the int8 heads and projection: within ~1 %
         assert not torch.equal(ref, got) and float((got - ref).norm() / ref.norm()) < 0.03
     q_codes = greedy(model, 4)
-    assert q_codes.shape == codes.shape and int(q_codes.max()) < 2048
+    assert float((q_codes == codes).float().mean()) >= 0.07  # measured 9 / 128 (frame 0, codebooks 0-5 ...)
     for k, v in model.state_dict().items():  # fp32 weights untouched
         torch.testing.assert_close(v, sd[k], rtol=0, atol=0)
     dequantize(model)
@@ -134,7 +136,8 @@ def test_bench_synth_tiny():
         and res["bound_int8"]["bytes_per_frame"] * 4 == res["bound_fp32"]["bytes_per_frame"]
     )
     assert res["batch"]["fp32_b2"]["total_frames_per_s"] > 0 and res["batch"]["fp32_b1"]["vs_b1"] == 1.0
-    assert 0 <= res["int8_agreement"]["codes_equal"] <= 1
+    assert res["fused_frames_equal_unfused"] == 1.0
+    assert res["int8_agreement"]["codes_equal"] >= 0.6  # teacher-forced, random weights: measured 0.646
 
 
 def test_bench_train_tiny_same_loss_as_transformers():

@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from elise.generate import SamplingConfig, generate
-from elise.layout import segment_rows, text_rows
+from elise.layout import text_rows
 from elise.model import build_model
 from elise.synthesis import (
     LengthBound,
@@ -86,25 +86,12 @@ def greedy(model, frames=6):
     return codes[0]  # [32, F]
 
 
-def teacher_forced_greedy(model):
-    """Greedy predictions [10, 32] for 10 known frames after 20 text rows (no autoregressive drift)."""
-    g = torch.Generator().manual_seed(1)
-    tokens, mask = segment_rows(
-        torch.randint(3, 250, (20,), generator=g).tolist(), torch.randint(0, 2048, (32, 10), generator=g)
-    )
-    h = model.backbone_hidden(tokens[None], mask[None])[0, 19:29]  # [10, Db]: rows predicting the frames
-    rest = model.decoder_logits(h, tokens[20:30, :32]).argmax(-1)  # [10, 31]
-    return torch.cat([model.codebook0_head(h).argmax(-1)[:, None], rest], 1)
-
-
 @torch.no_grad()
-def test_prepare_model_int8_agrees_with_fp32():
-    ref = teacher_forced_greedy(tiny())
+def test_prepare_model_int8_keeps_fp32_weights():
+    """int8 accuracy and kernel use: tests/test_quant.py."""
     model = prepare_model(tiny(), torch.float32, quantize="int8")
     assert "qkv" in model.backbone.layers[0].self_attn.fast and "audio_head" in model.fast
     assert model.backbone.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # fp32 kept for training
-    agreement = (teacher_forced_greedy(model) == ref).float().mean()
-    assert agreement > 0.95
     assert greedy(model, frames=2).shape == (32, 2)
     with pytest.raises(SynthesisError, match="int4"):
         prepare_model(tiny(), torch.float32, quantize="int4")
