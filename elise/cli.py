@@ -77,7 +77,7 @@ def verbatim_args(argv: list[str]) -> list[str]:
 def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of ``cfg`` (sections and leaves), ``hydra`` left out."""
     keys = []
-    for key in cfg.keys():
+    for key in cfg:
         full = f"{prefix}{key}"
         if full == "hydra":
             continue
@@ -148,12 +148,11 @@ def check_overrides(config_name: str, argv: list[str]) -> DictConfig:
         exit_with(_group_of(message) or " ".join(message.split()))
     except Exception as err:  # noqa: BLE001 - a value OmegaConf refuses (type, interpolation): one line
         exit_with(err)
-    for override, arg in sweeps:
+    for override, _ in sweeps:
         key = override.key_or_group
         if not _is_group(key) and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             exit_with(unknown_key(key, cfg))
     return cfg
-
 
 
 def _group_args(plain: list[tuple[Any, str]]) -> list[str]:
@@ -197,7 +196,7 @@ def yaml_comments(path: Path) -> dict[str, str]:
 def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
     if isinstance(node, DictConfig):
         out = []
-        for key in node.keys():
+        for key in node:
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_none() and len(child):
                 out += _leaves(child, f"{prefix}{key}.")
@@ -217,7 +216,7 @@ def help_text(config_name: str, prog: str) -> str:
     lines = [f"usage: {prog} [key=value ...]   (config: elise/conf/{config_name}.yaml)"]
     lines += [f"  {h}" for h in header if h]
     comments = yaml_comments(main_file)
-    own = [k for k in cfg.keys() if k != "hydra" and k not in all_choices]
+    own = [k for k in cfg if k != "hydra" and k not in all_choices]
     lines.append("\nkeys:")
     after_keys = len(lines)
     for key in own:

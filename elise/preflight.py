@@ -40,7 +40,9 @@ def preflight(cfg: DictConfig) -> None:
         raise UserError(f"optim.lr={lr}: the learning rate must be a number > 0")
     data = cfg.get("data") or {}
     if data.get("max_samples") is not None and int(data.max_samples) <= 0:
-        raise UserError(f"data.max_samples={data.max_samples} leaves no data: use null (every item) or a number > 0")
+        raise UserError(
+            f"data.max_samples={data.max_samples} leaves no data: use null (every item) or a number > 0"
+        )
     check_devices(cfg.trainer)
     codec = str((cfg.get("codec") or {}).get("name", ""))
     if codec in NEEDS:

@@ -236,7 +236,9 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     del loaded
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
-    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in all_callbacks):
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in all_callbacks
+    ):
         all_callbacks.append(StepProgressBar())
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -336,7 +338,11 @@ def ctrl_c_stops_at_step_end(trainer: pl.Trainer) -> Iterator[None]:
             print("\nCtrl-C again: aborted without saving", file=sys.stderr, flush=True)
             os._exit(EXIT_SIGINT)
         trainer._elise_ctrl_c = True  # type: ignore[attr-defined]
-        print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        print(
+            "\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
         trainer._signal_connector.received_sigterm = True  # the fit loop stops at the step's end
 
     previous = signal.signal(signal.SIGINT, on_ctrl_c)
@@ -373,7 +379,9 @@ def quiet_lightning() -> None:
     (raised inside Lightning's ``_pytree`` on torch >= 2.10, nothing elise can change)."""
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)
     warnings.filterwarnings(
-        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", module=r"lightning\.pytorch\.utilities\._pytree"
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        module=r"lightning\.pytorch\.utilities\._pytree",
     )
 
 

@@ -51,7 +51,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, code_
     _, err = proc.communicate(timeout=120)
     saved = list((tmp_path / "run" / "checkpoints").glob("sigterm-step*.ckpt"))
     assert proc.returncode == 130 and saved, err
-    assert f"resume: python train.py" in err and f"ckpt_path={saved[0]}" in err and "Traceback" not in err
+    assert "resume: python train.py" in err and f"ckpt_path={saved[0]}" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,9 @@ def test_preflight_needs_a_gpu_and_the_packages(monkeypatch):
 
 
 def test_wrong_setting_exits_2_and_leaves_no_run_dir(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "optim.lr=-1"], cwd=tmp_path, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "optim.lr=-1"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: optim.lr=-1: the learning rate must be a number > 0"
     ]
@@ -93,7 +95,11 @@ def test_wrong_setting_exits_2_and_leaves_no_run_dir(tmp_path):
 
 
 def test_a_run_that_trains_nothing_fails_naming_the_setting(tmp_path, fast_overrides):
-    cfg = compose("train", [*fast_overrides, "data.max_tokens=10", f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    cfg = compose(
+        "train",
+        [*fast_overrides, "data.max_tokens=10", f"hydra.run.dir={tmp_path}"],
+        return_hydra_config=True,
+    )
     with pytest.raises(UserError, match=r"no training step ran.*data.max_tokens=10"):
         train(cfg)
 

@@ -107,7 +107,8 @@ def transformers_model(model: CSM, workdir: str):
         intermediate_size=64, num_filters=8, codebook_dim=16, num_quantizers=32,
         vector_quantization_hidden_dimension=16, upsample_groups=64,
     )  # fmt: skip
-    out = export_transformers_dir(model, ByteTokenizer(), f"{workdir}/csm", mimi.to_dict())
+    out = f"{workdir}/csm"
+    export_transformers_dir(model, ByteTokenizer(), out, mimi.to_dict())  # returns the files written
     ref = transformers.CsmForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     shutil.rmtree(out, ignore_errors=True)  # it is in memory now
     return ref
