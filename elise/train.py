@@ -7,7 +7,6 @@ fetched, a missing ``init_from``, a bad path) into one line on stderr and exit c
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from datetime import datetime
 from pathlib import Path
