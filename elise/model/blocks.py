@@ -272,7 +272,9 @@ class Transformer(nn.Module):
         Longer inputs (prompt prefill) stay eager."""
         if mode is None and backend == "inductor" and self.rope_cos.is_cuda:
             mode = "reduce-overhead"
-        self.compiled_step = torch.compile(self.step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        self.compiled_step = torch.compile(
+            self.step, backend=backend, mode=mode, fullgraph=True, dynamic=False
+        )
         return self
 
     def rope(self, positions: Tensor | None, start: int, s: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -288,7 +290,9 @@ class Transformer(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin
 
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+    def step(
+        self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor
+    ) -> Tensor:
         """The cached pass over tensors only: x [B, S, dim]; k, v [layers, B, KV, keys, hd] (written at
         ``slots`` [S]); mask bool [B or 1, 1, S, keys] -> hidden [B, S, dim]."""
         for block, k_layer, v_layer in zip(self.blocks(), k.unbind(0), v.unbind(0), strict=True):

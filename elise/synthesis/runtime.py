@@ -53,7 +53,9 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
         log.info("quantize=int8: int8 weight-only matmuls for both stacks, the projection and the heads")
     if compile:
         model.compile_steps()
-        log.info("compile=true: the decode steps of backbone and decoder compiled (static shapes; first frames compile)")
+        log.info(
+            "compile=true: backbone and decoder decode steps compiled (static shapes; first frames compile)"
+        )
     return model
 
 
