@@ -15,8 +15,6 @@ from lightning.pytorch.callbacks import (
     Callback,
     ModelCheckpoint,
     ProgressBar,
-    RichProgressBar,
-    TQDMProgressBar,
 )
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -31,10 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def progress_bar(refresh_rate: int = 1, plain_refresh_rate: int = 50) -> ProgressBar:
-    """Rich on a terminal; a plain tqdm bar that refreshes rarely when stdout is a file (SLURM logs)."""
-    if sys.stdout.isatty():
-        return RichProgressBar(refresh_rate=refresh_rate)
-    return TQDMProgressBar(refresh_rate=plain_refresh_rate)
+    """Steps out of max_steps; refreshed rarely when stdout is a file (SLURM logs)."""
+    from elise.progress import StepProgressBar
+
+    return StepProgressBar(refresh_rate=refresh_rate if sys.stdout.isatty() else plain_refresh_rate)
 
 
 class StepCheckpoint(ModelCheckpoint):

@@ -132,7 +132,9 @@ def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
                 if newer + 1 < len(found):
                     log.warning("ckpt_path=last: skipping %s (%s)", path, err)
                     continue
-                raise CheckpointError(f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})") from err
+                raise CheckpointError(
+                    f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})"
+                ) from err
             return str(path)
     path = Path(spec).expanduser()
     if not path.is_file():

@@ -77,7 +77,7 @@ def verbatim_args(argv: list[str]) -> list[str]:
 def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of ``cfg`` (sections and leaves), ``hydra`` left out."""
     keys = []
-    for key in cfg.keys():
+    for key in cfg:
         full = f"{prefix}{key}"
         if full == "hydra":
             continue
@@ -148,12 +148,11 @@ def check_overrides(config_name: str, argv: list[str]) -> DictConfig:
         exit_with(_group_of(message) or " ".join(message.split()))
     except Exception as err:  # noqa: BLE001 - a value OmegaConf refuses (type, interpolation): one line
         exit_with(err)
-    for override, arg in sweeps:
+    for override, _ in sweeps:
         key = override.key_or_group
         if not _is_group(key) and OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             exit_with(unknown_key(key, cfg))
     return cfg
-
 
 
 def _group_args(plain: list[tuple[Any, str]]) -> list[str]:
@@ -197,7 +196,7 @@ def yaml_comments(path: Path) -> dict[str, str]:
 def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
     if isinstance(node, DictConfig):
         out = []
-        for key in node.keys():
+        for key in node:
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_none() and len(child):
                 out += _leaves(child, f"{prefix}{key}.")
@@ -217,7 +216,7 @@ def help_text(config_name: str, prog: str) -> str:
     lines = [f"usage: {prog} [key=value ...]   (config: elise/conf/{config_name}.yaml)"]
     lines += [f"  {h}" for h in header if h]
     comments = yaml_comments(main_file)
-    own = [k for k in cfg.keys() if k != "hydra" and k not in all_choices]
+    own = [k for k in cfg if k != "hydra" and k not in all_choices]
     lines.append("\nkeys:")
     after_keys = len(lines)
     for key in own:
@@ -254,6 +253,29 @@ def _help_line(name: str, value: Any, meaning: str) -> str:
 # ---- the entry ----------------------------------------------------------------------------------
 
 
+def claim_run_dir(config_name: str, argv: list[str]) -> list[str]:
+    """``argv`` plus ``hydra.run.dir=<a new dir>`` (``hydra.sweep.dir`` with ``-m``) when the config's
+    dir is time-stamped and the user named none: created here with a plain mkdir, so two runs started
+    in the same second get ``<time>`` and ``<time>-2`` instead of sharing one."""
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
+    if any(a.lstrip("+").startswith(f"{key}=") for a in argv):
+        return argv
+    cfg = compose(config_name, [a for a in argv if not a.startswith("-")], return_hydra_config=True)
+    section, name = key.split(".")[1:]
+    if "${now:" not in str(cfg.hydra[section]._get_node(name)._value()):
+        return argv
+    path = Path(str(OmegaConf.select(cfg, key)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return [*argv, f"{key}={quote_verbatim(str(candidate))}"]
+    raise FileExistsError(f"{path}: 10000 runs started in the same second")
+
+
 # command: (config name, "module:function" given the composed config, how a user types it)
 COMMANDS = {
     "train": ("train", "elise.train:main", "python train.py"),
@@ -277,7 +299,17 @@ def main(command: str, argv: list[str] | None = None) -> Any:
         print(help_text(config_name, prog))
         raise SystemExit(0)
     argv = verbatim_args(argv)
-    check_overrides(config_name, argv)
+    cfg = check_overrides(config_name, argv)
+    if command == "train":
+        from elise.preflight import UserError, preflight
+
+        try:
+            preflight(cfg)
+        except UserError as err:
+            exit_with(err)
+    argv = claim_run_dir(config_name, argv)
+    if not any(a.startswith("hydra.job.name=") for a in argv):
+        argv.append(f"hydra.job.name={config_name}")  # train.log, not cli.log
     module, function = target.split(":")
     task = getattr(importlib.import_module(module), function)  # after the checks: errors stay fast
 

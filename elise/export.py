@@ -81,7 +81,9 @@ def main(cfg: DictConfig) -> None:
         if cfg.get("codec_config"):
             raw = json.loads(Path(str(cfg.codec_config)).read_text())
             codec_config = raw.get("codec_config", raw)
-        files = export_checkpoint(str(cfg.ckpt), str(cfg.out), codec_config, bool(cfg.get("overwrite", False)))
+        files = export_checkpoint(
+            str(cfg.ckpt), str(cfg.out), codec_config, bool(cfg.get("overwrite", False))
+        )
     except (ExportError, CheckpointError, CodecUnavailable, OSError, json.JSONDecodeError) as e:
         exit_with(e)
     print(f"exported {cfg.ckpt} -> {cfg.out} ({', '.join(f.name for f in files)})")

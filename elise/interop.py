@@ -285,7 +285,9 @@ def _write_processor(out: Path, tokenizer: Tokenizer) -> None:
 def _token(tokenizer: Tokenizer, token_id: int) -> str:
     if isinstance(tokenizer, HFTokenizer):
         return str(tokenizer.id_to_token(token_id))
-    return {ByteTokenizer.bos_id: "<s>", ByteTokenizer.eos_id: "</s>", ByteTokenizer.pad_id: "<pad>"}[token_id]
+    return {ByteTokenizer.bos_id: "<s>", ByteTokenizer.eos_id: "</s>", ByteTokenizer.pad_id: "<pad>"}[
+        token_id
+    ]
 
 
 def byte_tokenizer_json() -> str:

@@ -20,8 +20,10 @@ class _KeepingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         path = self.metrics_file_path
-        if self.resume_step is None or not os.path.isfile(path):
-            super()._check_log_dir_exists()  # a fresh run: Lightning's behaviour (old file removed)
+        if not os.path.isfile(path):
+            return  # a fresh metrics.csv: nothing to delete (Lightning warns whenever the dir has files)
+        if self.resume_step is None:
+            super()._check_log_dir_exists()  # an old metrics.csv and no resume: Lightning's warning, file removed
             return
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)

@@ -86,12 +86,15 @@ class HFTokenizer:
         if missing:
             log.warning(
                 "tokenizer %s adds no %s and has no known token for it: prompts lack it "
-                "(CSM prompts are <bos>[speaker]text<eos>)", spec, " or ".join(missing),
+                "(CSM prompts are <bos>[speaker]text<eos>)",
+                spec,
+                " or ".join(missing),
             )
         if added:
             log.info(
                 "tokenizer %s does not add %s itself: elise adds them (CSM prompts are <bos>[speaker]text<eos>)",
-                spec, " and ".join(added),
+                spec,
+                " and ".join(added),
             )
 
     def _special(self, given: int | None, names: tuple[str, ...]) -> int | None:

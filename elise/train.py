@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
+import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -26,14 +33,13 @@ from elise.checkpoints import AtomicCheckpointIO, inspect_checkpoint, resolve_ck
 from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
+from elise.preflight import UserError, preflight
+from elise.progress import StepProgressBar
 
 log = logging.getLogger("elise.train")
 EXIT_SIGTERM = 143  # 128 + SIGTERM, what a shell reports for a terminated job
+EXIT_SIGINT = 130  # 128 + SIGINT (Ctrl-C)
 EXIT_NONFINITE = 3  # stopped after too many consecutive non-finite steps (a checkpoint was saved)
-
-
-class UserError(RuntimeError):
-    """A configuration or input problem the user can fix (reported as one line, exit code 2)."""
 
 
 class NonFiniteStop(RuntimeError):
@@ -65,6 +71,7 @@ def _container(node: Any) -> Any:
 
 
 def check_config(cfg: DictConfig) -> None:
+    preflight(cfg)
     if OmegaConf.is_missing(cfg, "init_from") or (cfg.get("require_init_from") and not cfg.get("init_from")):
         raise UserError(
             "this experiment fine-tunes existing weights: pass init_from=<transformers dir or elise .ckpt>"
@@ -229,6 +236,10 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     del loaded
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
+    if cfg.trainer.get("enable_progress_bar", True) and not any(
+        isinstance(c, ProgressBar) for c in all_callbacks
+    ):
+        all_callbacks.append(StepProgressBar())
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         _convert_="all",
@@ -238,21 +249,107 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         use_distributed_sampler=False,  # the batch sampler is rank-aware already
         plugins=[AtomicCheckpointIO()],  # tmp file + fsync + rename
     )
+    start_step = checkpoint_step(ckpt_path) if ckpt_path else 0
+    if ckpt_path:
+        warn_longer_schedule(ckpt_path, int(cfg.trainer.max_steps))
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        with ctrl_c_stops_at_step_end(trainer):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except SIGTERMException:
         saved = next((cb.saved for cb in all_callbacks if isinstance(cb, SaveOnSigterm) and cb.saved), None)
-        raise SystemExit(EXIT_SIGTERM if saved else 1) from None
+        if saved and trainer.is_global_zero:
+            print(f"resume: {resume_command(run_dir, saved)}", file=sys.stderr, flush=True)
+        interrupted = getattr(trainer, "_elise_ctrl_c", False)
+        raise SystemExit((EXIT_SIGINT if interrupted else EXIT_SIGTERM) if saved else 1) from None
     if module.nonfinite_stop:
         # every skipped step left the weights and optimizer state as they were: this is the state
         # from before the first bad step (saved whatever the checkpoint callbacks are)
         path = run_dir / "checkpoints" / f"nonfinite-step{trainer.global_step:07d}.ckpt"
         trainer.save_checkpoint(str(path), weights_only=False)
         raise NonFiniteStop(f"{module.nonfinite_stop}; saved {path}")
+    if trainer.global_step == start_step < int(cfg.trainer.max_steps):
+        data = cfg.data
+        raise UserError(
+            "no training step ran: the training split has no batches (every item excluded by "
+            f"data.max_tokens={data.get('max_tokens')}, data.min_seconds={data.get('min_seconds')}, "
+            f"data.max_seconds={data.get('max_seconds')}? see the data report above)"
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.is_global_zero:
-        log.info("run dir: %s", run_dir)
+        print(summary(trainer, cfg, run_dir, metrics), flush=True)
     return metrics
+
+
+def resume_command(run_dir: Path, ckpt: str, *extra: str) -> str:
+    """The command line that continues this run from ``ckpt`` (this run's overrides, same run dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    keep = []
+    replaced = ("ckpt_path=", "hydra.run.dir=", "hydra.job.name=", *(e.split("=")[0] + "=" for e in extra))
+    if HydraConfig.initialized():
+        keep = [o for o in HydraConfig.get().overrides.task if not o.startswith(replaced)]
+    args = [*keep, f"hydra.run.dir={run_dir}", f"ckpt_path={ckpt}", *extra]
+    return " ".join(["python train.py", *(shlex.quote(a) for a in args)])
+
+
+def summary(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path, metrics: dict[str, float]) -> str:
+    """What a finished run did and how to go on: steps, final losses, checkpoint, resume, synthesize."""
+    losses = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items()) if k.endswith("loss"))
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
+        trainer.checkpoint_callback, "best_model_path", ""
+    )
+    lines = [
+        f"trained {trainer.global_step} steps (trainer.max_steps={cfg.trainer.max_steps}); {losses or 'no loss logged'}",
+        f"run dir: {run_dir}",
+    ]
+    if ckpt:
+        codec = OmegaConf.select(cfg, "codec.name") or "mimi"
+        lines += [
+            f"checkpoint: {ckpt}",
+            f"continue: {resume_command(run_dir, ckpt, 'trainer.max_steps=<more>')}",
+            f"synthesize: python synthesize.py ckpt={shlex.quote(ckpt)} codec={codec} text='Hello there.'",
+        ]
+    return "\n".join(lines)
+
+
+def warn_longer_schedule(ckpt_path: str, max_steps: int) -> None:
+    """Resuming with a larger ``trainer.max_steps`` keeps the checkpoint's learning-rate schedule: say so."""
+    hparams = inspect_checkpoint(ckpt_path).get("hyper_parameters") or {}
+    old = int(hparams.get("total_steps", max_steps))
+    if max_steps > old:
+        log.warning(
+            "trainer.max_steps=%d but the resumed run's schedule ends at step %d: the learning-rate "
+            "schedule is the old one (steps after %d run at optim.min_lr); start a new schedule with "
+            "init_from=%s",
+            max_steps, old, old, ckpt_path,
+        )  # fmt: skip
+
+
+@contextmanager
+def ctrl_c_stops_at_step_end(trainer: pl.Trainer) -> Iterator[None]:
+    """The first Ctrl-C finishes the current step and saves a checkpoint as SIGTERM does (Lightning's
+    own handling exits 1 without one); a second Ctrl-C aborts at once (exit 130)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_ctrl_c(signum: int, frame: Any) -> None:
+        if getattr(trainer, "_elise_ctrl_c", False):
+            print("\nCtrl-C again: aborted without saving", file=sys.stderr, flush=True)
+            os._exit(EXIT_SIGINT)
+        trainer._elise_ctrl_c = True  # type: ignore[attr-defined]
+        print(
+            "\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to abort)",
+            file=sys.stderr,
+            flush=True,
+        )
+        trainer._signal_connector.received_sigterm = True  # the fit loop stops at the step's end
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -273,9 +370,25 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _no_litlogger_tip(record: logging.LogRecord) -> bool:
+    return "litlogger" not in str(record.msg)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertisement for its cloud logger and its own deprecation of ``LeafSpec``
+    (raised inside Lightning's ``_pytree`` on torch >= 2.10, nothing elise can change)."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_no_litlogger_tip)
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
 def main(cfg: DictConfig) -> float | None:
     """``train.py``'s body: train, print one line and exit 2 on user errors; return the metric a
     sweeper optimizes (``optimized_metric``)."""
+    quiet_lightning()
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     # the batch sampler resumes exactly (see elise.data.datamodule), whatever Lightning thinks
     warnings.filterwarnings("ignore", message=".*is not resumable.*")
@@ -283,6 +396,8 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except NonFiniteStop as err:
         exit_with(err, EXIT_NONFINITE)
+    except KeyboardInterrupt:  # before training started: nothing to save
+        exit_with("interrupted (Ctrl-C) before training started", EXIT_SIGINT)
     except user_error_types() as err:
         exit_with(err, EXIT_USER_ERROR)
     name = cfg.get("optimized_metric")

@@ -68,7 +68,11 @@ def test_compiled_decode_step_is_one_graph_without_breaks():
     model = stack(layers=16)
     x = torch.randn(1, 7, model.cfg.dim, generator=torch.Generator().manual_seed(2))
     eager_cache = model.make_cache(1, 8, torch.float32, "cpu")
-    ref = torch.cat([model(x[:, :2], cache=eager_cache)] + [model(x[:, i : i + 1], cache=eager_cache) for i in range(2, 7)], 1)
+    ref = torch.cat(
+        [model(x[:, :2], cache=eager_cache)]
+        + [model(x[:, i : i + 1], cache=eager_cache) for i in range(2, 7)],
+        1,
+    )
     torch._dynamo.reset()
     counters.clear()
     model.compile_step(backend="eager")

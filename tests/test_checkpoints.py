@@ -139,7 +139,9 @@ def test_checkpoint_records_codec_and_speakers(tmp_path):
 
     identity = codec_identity("tiny", {"seed": 3, "dim": 16, "device": "cpu", "batch_size": 4})
     assert identity == {"name": "tiny", "config": {"seed": 3, "dim": 16}, "weights_sha256": None}
-    module = EliseModule(model=build_model("tiny").cfg.to_dict(), codec=identity, speakers={"alice": 0, "bob": 1})
+    module = EliseModule(
+        model=build_model("tiny").cfg.to_dict(), codec=identity, speakers={"alice": 0, "bob": 1}
+    )
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "global_step": 1},
         tmp_path / "m.ckpt",

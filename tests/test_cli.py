@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from elise.cli import COMMANDS, VERBATIM_KEYS, check_overrides, help_text, verbatim_args
-from tests.test_synthesize import save_tiny
+from elise.cli import COMMANDS, VERBATIM_KEYS, check_overrides, claim_run_dir, help_text, verbatim_args
+from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 AWKWARD = list("\\'\"${}[](),=:;# ~*?%@|`!\t") + ["${x}", "\\${", "é", "日本", "null", " "]
@@ -122,3 +123,23 @@ def test_synthesize_takes_typed_text_and_paths(tmp_path):
     done = subprocess.run([*cmd, f"hydra.run.dir={tmp_path}/h"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert sf.info(out).frames > 0 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "synthesize"])
+def test_two_runs_in_the_same_second_get_two_run_dirs(command, tmp_path, monkeypatch):
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import hydra.core.utils
+
+    class Frozen(datetime):  # the clock stands still: both runs resolve ${now:...} to one second
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2024, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    first, second = (claim_run_dir(command, ["seed=1"])[-1] for _ in range(2))
+    dirs = [Path(arg.split("=", 1)[1].strip("'")) for arg in (first, second)]
+    assert dirs[0] != dirs[1] and dirs[1].name == dirs[0].name + "-2"
+    assert all(d.is_dir() and not list(d.iterdir()) for d in dirs)
+    named = claim_run_dir(command, [f"hydra.run.dir={tmp_path}/mine"])  # the user's own dir: kept
+    assert named == [f"hydra.run.dir={tmp_path}/mine"]

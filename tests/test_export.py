@@ -87,7 +87,9 @@ def test_mimi_model_export_gives_transformers_the_same_greedy_audio(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.ckpt", MIMI_RANDOM)
     export_checkpoint(ckpt, tmp_path / "out")
     processor = transformers.AutoProcessor.from_pretrained(tmp_path / "out")
-    hf, info = transformers.CsmForConditionalGeneration.from_pretrained(tmp_path / "out", output_loading_info=True)
+    hf, info = transformers.CsmForConditionalGeneration.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]  # codec_model.* included
     inputs = processor("[0]Hello there.", add_special_tokens=True, return_tensors="pt")
     frames = 10

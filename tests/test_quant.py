@@ -78,7 +78,9 @@ def frame_logits(model, tokens, mask, prompt_rows: int):
         for k in range(1, NUM_CODEBOOKS):
             logits.append(model.codebook_logits(out[:, -1], k))
             if k < NUM_CODEBOOKS - 1:
-                out = model.decoder(model.project(model.embed_codes(c[:, k : k + 1], slice(k, k + 1))), cache=cache)
+                out = model.decoder(
+                    model.project(model.embed_codes(c[:, k : k + 1], slice(k, k + 1))), cache=cache
+                )
         frames.append(torch.stack(logits, 1)[0])  # [32, V]
         gen.advance(c)
     return torch.stack(frames)  # [F, 32, V]
@@ -111,4 +113,6 @@ def test_int8_synthesis_runs_the_int8_kernels():
     per_step = 4  # qkv, o, gate_up, down
     backbone = per_step * cfg.backbone.num_layers * (frames - 1)  # advance() after every frame but the last
     decoder = per_step * cfg.decoder.num_layers * (NUM_CODEBOOKS - 1) * frames
-    assert sum(count.pack.values()) == backbone + decoder + NUM_CODEBOOKS * frames + (NUM_CODEBOOKS - 1) * frames
+    assert (
+        sum(count.pack.values()) == backbone + decoder + NUM_CODEBOOKS * frames + (NUM_CODEBOOKS - 1) * frames
+    )

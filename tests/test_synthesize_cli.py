@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from tests.test_synthesize import save_tiny
+from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_synthesize import config, save_tiny
+from test_synthesize import config
+
+from tests.conftest import save_tiny
 
 from elise.codec import build_codec
 from elise.layout import NUM_CODEBOOKS, pad_rows, segment_rows

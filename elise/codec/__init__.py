@@ -46,7 +46,9 @@ def build_codec(name: str, **kwargs: Any) -> Codec:
     return factory(**settings)
 
 
-def codec_identity(name: str, config: dict[str, Any] | None = None, codec: Codec | None = None) -> dict[str, Any]:
+def codec_identity(
+    name: str, config: dict[str, Any] | None = None, codec: Codec | None = None
+) -> dict[str, Any]:
     """What a checkpoint or an export records of its codec: ``{"name", "config", "weights_sha256"}``.
 
     ``config`` holds the codec's settings (seed for the random codecs; run-time keys such as device

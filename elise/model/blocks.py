@@ -16,7 +16,6 @@ from torch import Tensor, nn
 
 from elise.model.config import TransformerConfig
 
-
 # compiled (static-shape) steps: inputs of at most this many rows (a decode step: 1, the decoder's first: 2)
 MAX_COMPILED_ROWS = 2
 # ... and cache lengths rounded up to a multiple of this
@@ -239,7 +238,6 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [T, hd]
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.gradient_checkpointing = False
         self.compiled_step: Callable[..., Tensor] | None = None  # set by compile_step
 
     def blocks(self) -> Iterator[Block]:
@@ -274,7 +272,9 @@ class Transformer(nn.Module):
         Longer inputs (prompt prefill) stay eager."""
         if mode is None and backend == "inductor" and self.rope_cos.is_cuda:
             mode = "reduce-overhead"
-        self.compiled_step = torch.compile(self.step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        self.compiled_step = torch.compile(
+            self.step, backend=backend, mode=mode, fullgraph=True, dynamic=False
+        )
         return self
 
     def rope(self, positions: Tensor | None, start: int, s: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -290,7 +290,9 @@ class Transformer(nn.Module):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return cos, sin
 
-    def step(self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+    def step(
+        self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor
+    ) -> Tensor:
         """The cached pass over tensors only: x [B, S, dim]; k, v [layers, B, KV, keys, hd] (written at
         ``slots`` [S]); mask bool [B or 1, 1, S, keys] -> hidden [B, S, dim]."""
         for block, k_layer, v_layer in zip(self.blocks(), k.unbind(0), v.unbind(0), strict=True):
@@ -311,12 +313,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, cache.pos if cache is not None else 0, s, x.dtype)
         if cache is None:
             for block in self.blocks():
-                if self.gradient_checkpointing and self.training:
-                    x = torch.utils.checkpoint.checkpoint(
-                        block, x, cos, sin, None, None, attn_mask, use_reentrant=False
-                    )
-                else:
-                    x = block(x, cos, sin, None, None, attn_mask)
+                x = block(x, cos, sin, None, None, attn_mask)
             return self.norm(x)
         slots = cache.next_slots(s)  # [S]
         mask = cache_mask(slots, cache.max_len, attn_mask)  # [B or 1, 1, S, max_len]

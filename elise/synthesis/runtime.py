@@ -55,7 +55,9 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
         if next(model.parameters()).device.type == "cpu":
             log.warning("compile=true on CPU: the first frames wait for torch.compile (a minute or more)")
         model.compile_steps()
-        log.info("compile=true: the decode steps of backbone and decoder compiled (static shapes; first frames compile)")
+        log.info(
+            "compile=true: backbone and decoder decode steps compiled (static shapes; first frames compile)"
+        )
     return model
 
 
