@@ -6,21 +6,33 @@ STAMP := $(VENV)/.installed
 MOSHI := moshi==0.2.13
 export PYTHONHASHSEED := 0
 
-.PHONY: help install demo test test-full lint bench clean
+.PHONY: help install lock conda demo test test-full lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
-	# moshi pins torch<2.10; its real runtime needs are pinned in pyproject.toml.
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	# moshi pins torch<2.10; what its Mimi code imports is in our dependencies (and the lock).
 	$(BIN)/pip install -q --no-deps $(MOSHI)
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install elise (idempotent)
+install: $(STAMP)  ## create .venv with the locked versions (requirements.lock) and elise (idempotent)
+
+lock:  ## after changing dependencies: resolve pyproject's ranges in .venv, rewrite requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(MOSHI)
+	$(BIN)/python scripts/lock.py
+	touch $(STAMP)
+
+conda:  ## GPU machines: conda env `elise` (CUDA torch, the locked versions, elise, moshi)
+	conda env create -f environment.yml
+	conda run -n elise pip install --no-deps $(MOSHI)
 
 demo: install  ## train a tiny model on the bundled clips, then synthesize a wav
 	$(BIN)/python -m elise.demo

@@ -99,5 +99,7 @@ def trainer_precision(value: Any) -> str:
             "use bf16-mixed or 16-mixed"
         )
     if spelled not in PRECISIONS:
-        raise ValueError(f"trainer.precision={value}: choose one of {', '.join(sorted(set(PRECISIONS.values())))}")
+        raise ValueError(
+            f"trainer.precision={value}: choose one of {', '.join(sorted(set(PRECISIONS.values())))}"
+        )
     return PRECISIONS[spelled]

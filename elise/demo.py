@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from elise.report import write_report
 
-    report = write_report(run_dir)
+    try:
+        report: object = write_report(run_dir)
+    except ImportError as err:  # matplotlib is the `report` extra
+        report = f"(skipped: {err})"
     loss = first_last(run_dir)
     wav = synthesize_demo(ckpt, run_dir / "demo.wav")
 

@@ -26,7 +26,6 @@ from elise.model.loss import LossOutput, csm_loss
 from elise.optim import build_optimizer, optim_settings
 
 
-
 class PerCodebookMean(Metric):
     """Running per-codebook mean of a quantity: sums [32] and counts [32], summed across ranks.
 

@@ -17,7 +17,6 @@ from torch import nn
 from elise.config import conf_defaults
 
 
-
 def optim_settings(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """The ``optim`` config as a plain dict of primitives, defaults from ``conf/optim/adamw.yaml``."""
     out = conf_defaults("optim/adamw")

@@ -59,7 +59,10 @@ def _plot(ax, series: dict, keys: list[str], title: str) -> None:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report.png`` (or ``out``) for a run dir holding metrics.csv; returns its path."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("the report needs matplotlib: pip install 'elise[report]'") from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,7 +111,7 @@ def main(cfg: DictConfig) -> None:
     """``python -m elise.report run_dir=<dir> [out=<png>]``; a user error is one line, exit 2."""
     try:
         path = write_report(cfg.run_dir, cfg.get("out"))
-    except (FileNotFoundError, ValueError, OSError) as err:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as err:
         exit_with(err)
     print(path)
 

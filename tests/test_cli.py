@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from elise.cli import COMMANDS, VERBATIM_KEYS, check_overrides, claim_run_dir, help_text, verbatim_args
-from tests.test_synthesize import save_tiny
+from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 AWKWARD = list("\\'\"${}[](),=:;# ~*?%@|`!\t") + ["${x}", "\\${", "é", "日本", "null", " "]

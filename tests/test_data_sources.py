@@ -20,12 +20,7 @@ from elise.data.sources import (
     sample_root,
     speaker_map,
 )
-
-
-def tone(seconds: float, sr: int, channels: int = 1, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    wav = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)  # [N]
-    return wav if channels == 1 else np.stack([wav] + [np.zeros_like(wav)] * (channels - 1), axis=1)
+from tests.conftest import tone
 
 
 def encoded(wav: np.ndarray, sr: int, fmt: str = "WAV") -> bytes:

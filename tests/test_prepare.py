@@ -19,6 +19,7 @@ from elise.codec import build_codec
 from elise.codec.base import Codec
 from elise.data.prepare import BadItem, assign_splits, prepare
 from elise.text import ByteTokenizer, HFTokenizer, encode_prompt
+from tests.conftest import lj_folder, tone
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,22 +53,6 @@ class CountingCodec(Codec):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.inner.decode(codes)
-
-
-def tone(seconds: float, sr: int = 16_000, amp: float = 0.5, freq: float = 300.0) -> np.ndarray:
-    t = np.arange(int(seconds * sr)) / sr
-    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
-
-
-def lj_folder(root: Path, n: int, seconds: float = 0.6) -> Path:
-    """An LJSpeech folder of ``n`` distinct good clips (different pitches, so different hashes)."""
-    (root / "wavs").mkdir(parents=True)
-    lines = []
-    for i in range(n):
-        sf.write(root / "wavs" / f"c{i:02d}.wav", tone(seconds, freq=200.0 + 37 * i), 16_000)
-        lines.append(f"c{i:02d}|Clip number {i}.")
-    (root / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 def cfg_for(root: Path, cache: Path, **kw: object) -> dict:

@@ -14,35 +14,17 @@ from omegaconf import DictConfig
 from elise.codec import build_codec
 from elise.config import compose
 from elise.layout import EOS_CODE, NUM_CODEBOOKS, TEXT_COL
-from elise.model import build_model
 from elise.synthesis import Segment, WavWriter, build_prompt, load_references
 from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt
+from tests.conftest import save_tiny
 
 SPF = 1920
 
 
-def save_tiny(path: Path, *, zero_norm: bool = False) -> Path:
-    """A checkpoint of the training contract: random heads (so EOS, all 32 codes 0, practically never
-    comes), or zero final norms (all logits 0: greedy picks code 0 everywhere = the EOS frame)."""
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    with torch.no_grad():
-        torch.nn.init.normal_(model.codebook0_head.weight, std=1.0)
-        torch.nn.init.normal_(model.audio_head, std=1.0)
-        if zero_norm:
-            model.backbone.norm.weight.zero_()
-            model.decoder.norm.weight.zero_()
-    state = {"model." + k: v for k, v in model.state_dict().items()}
-    torch.save(
-        {"state_dict": state, "hyper_parameters": {"model": model.cfg.to_dict(), "tokenizer": "bytes"}}, path
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+def ckpt(tiny_ckpt: Path) -> Path:
+    return tiny_ckpt
 
 
 def config(ckpt: Path, **values) -> DictConfig:

@@ -73,7 +73,7 @@ def step_case(
             del opt
         gc.collect()
         out.setdefault("peak_mb", []).append(peak.peak_bytes / 2**20)
-        out.setdefault("loss", []).append(float(loss))
+        out.setdefault("loss", []).append(float(loss.detach()))
         return elapsed
 
     return run

@@ -44,7 +44,6 @@ REASONS = (
 )
 
 
-
 UNNAMED_SPEAKER = "(no speaker: id 0)"
 
 # Clips are collected for this many codec batches, then sorted by length and encoded (less padding).

@@ -238,7 +238,6 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)  # [T, hd]
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
-        self.gradient_checkpointing = False
         self.compiled_step: Callable[..., Tensor] | None = None  # set by compile_step
 
     def blocks(self) -> Iterator[Block]:
@@ -314,12 +313,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions, cache.pos if cache is not None else 0, s, x.dtype)
         if cache is None:
             for block in self.blocks():
-                if self.gradient_checkpointing and self.training:
-                    x = torch.utils.checkpoint.checkpoint(
-                        block, x, cos, sin, None, None, attn_mask, use_reentrant=False
-                    )
-                else:
-                    x = block(x, cos, sin, None, None, attn_mask)
+                x = block(x, cos, sin, None, None, attn_mask)
             return self.norm(x)
         slots = cache.next_slots(s)  # [S]
         mask = cache_mask(slots, cache.max_len, attn_mask)  # [B or 1, 1, S, max_len]

@@ -38,12 +38,6 @@ class LossOutput:
     num_frames: int
     num_decoder_frames: int
 
-    def per_codebook_accuracy(self) -> Tensor:
-        """[32] accuracy of each codebook on this batch."""
-        acc0 = (self.preds0 == self.target0).float().mean().reshape(1)
-        rest = (self.preds == self.targets).float().mean(0) if self.preds.numel() else torch.zeros(31)
-        return torch.cat([acc0, rest.to(acc0.device)])
-
 
 def select_decoder_frames(
     num_frames: int, fraction: float, generator: torch.Generator | None, device
