@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -40,11 +38,13 @@ def random_batch(seed: int = 0, frames=(9, 5), text=(7, 4)):
     "preset,backbone,decoder,total",
     [("marvis_250m", 261.9, 60.8, 568.9), ("csm_1b", 973.1, 111.2, 1552.8)],
 )
-def test_preset_parameter_counts(preset, backbone, decoder, total):
-    out = subprocess.run(
-        [sys.executable, "-m", "elise.model", f"model={preset}"], capture_output=True, text=True, check=True
-    )
-    counts = json.loads(out.stdout.strip().splitlines()[-1])
+def test_preset_parameter_counts(preset, backbone, decoder, total, capsys):
+    """The table `python -m elise.model model=<preset>` prints (in-process: test_cli runs the command)."""
+    from elise.config import compose
+    from elise.model.__main__ import main
+
+    main(compose("model_info", [f"model={preset}"]))
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert counts["backbone_blocks"] / 1e6 == pytest.approx(backbone, abs=0.05)
     assert counts["decoder_blocks"] / 1e6 == pytest.approx(decoder, abs=0.05)
     assert counts["total"] / 1e6 == pytest.approx(total, abs=0.05)

@@ -146,8 +146,7 @@ def test_built_wheel_works_outside_the_checkout(tmp_path):
     wav = work / "hello.wav"
     run(
         "-c",
-        "import sys; from elise.config import compose; from elise.synthesize import run; "
-        "run(compose('synthesize', sys.argv[1:]))",
+        "import sys; from elise.cli import main; main('synthesize', sys.argv[1:])",  # = synthesize.py
         f"ckpt={ckpt}",
         "codec=tiny",
         "text=Hello there.",

@@ -54,6 +54,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path):
         assert lines[0].startswith("error: ") and all(w in lines[0] for w in cases[name][1]), (name, lines[0])
 
 
+@pytest.mark.slow  # a subprocess; test_cli's typed-text run guards the command in the fast tier
 def test_cli_run_writes_wav_with_unquoted_text(tmp_path):
     ckpt = save_tiny(tmp_path / "tiny.ckpt")
     out = tmp_path / "o.wav"
