@@ -20,8 +20,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from elise.codec.base import Codec
-from elise.layout import text_rows
+from elise.data.audio import write_wav
 from elise.model import CSM
+from elise.synthesis.engine import Request, Settings, Synthesizer
+from elise.synthesis.text import FRAME_RATE
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,9 @@ class StepCheckpoint(ModelCheckpoint):
 
 class AudioSamples(Callback):
     """Every ``every_n_val`` validation runs, synthesize the first ``num_sentences`` validation
-    sentences (greedy by default, bounded length), decode them with the codec and write
-    ``<run dir>/samples/step<N>_<i>.wav`` (24 kHz); logged to W&B as audio when W&B is on.
+    sentences with the synthesis engine at the settings users get from ``synthesize.py`` (sampled,
+    EOS-ended, at most ``max_frames``), and write ``<run dir>/samples/step<N>_<i>.wav`` (24 kHz);
+    logged to W&B as audio when W&B is on.
 
     Runs on global rank 0 only, on the unwrapped CSM (no collectives, so other ranks just wait at
     the next gradient sync). Skipped under FSDP, where no rank holds the whole model.
@@ -96,17 +99,17 @@ class AudioSamples(Callback):
         every_n_val: int = 1,
         num_sentences: int = 2,
         max_frames: int = 125,
-        temperature: float = 0.0,
-        top_k: int = 1,
+        temperature: float | None = None,
+        top_k: int | None = None,
         seed: int = 0,
     ):
         self.codec_cfg = dict(codec)
-        self.every_n_val, self.num_sentences, self.max_frames = (
-            int(every_n_val),
-            int(num_sentences),
-            int(max_frames),
-        )
-        self.temperature, self.top_k, self.seed = float(temperature), int(top_k), int(seed)
+        self.every_n_val, self.num_sentences = int(every_n_val), int(num_sentences)
+        self.settings = Settings(seed=int(seed), max_audio_seconds=int(max_frames) / FRAME_RATE)
+        if temperature is not None:
+            self.settings.temperature = float(temperature)
+        if top_k is not None:
+            self.settings.top_k = int(top_k)
         self._codec: Codec | None = None
         self._runs = 0
 
@@ -142,42 +145,22 @@ class AudioSamples(Callback):
         return self._codec.to(device)
 
     def write_samples(self, model: CSM, examples: list, run_dir: Path, step: int) -> list[Path]:
-        """Generate and write one wav per example; returns the paths."""
-        import soundfile as sf
-
-        from elise.generate import SamplingConfig, generate, left_pad
-
+        """Synthesize and write one wav per example; returns the paths."""
         device = next(model.parameters()).device
-        prompts = [text_rows(e.text_ids) for e in examples]
-        tokens, mask, pads = left_pad(prompts)  # [B, S, 33] x2, [B]
-        # bounded: a little longer than the reference clip, never more than max_frames
-        limits = torch.tensor([min(self.max_frames, int(e.frames * 1.25) + 4) for e in examples])
-        gen = torch.Generator(device=device).manual_seed(self.seed)
+        synth = Synthesizer(model, None, self.codec(device), self.settings)
+        requests = [Request(e.text, prompt_ids=list(e.text_ids)) for e in examples]
         was_training = model.training
         model.eval()
         try:
-            codes, lengths = generate(
-                model,
-                tokens.to(device),
-                mask.to(device),
-                limits,
-                SamplingConfig(self.temperature, self.top_k),
-                gen,
-                pads,
-            )  # [B, 32, F], [B]
+            results = synth.synthesize(requests)
         finally:
             model.train(was_training)
-        codec = self.codec(device)
         out_dir = run_dir / "samples"
-        out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
-        with torch.no_grad():
-            for i, n in enumerate(lengths.tolist()):
-                n = max(int(n), 1)
-                wav = codec.decode(codes[i : i + 1, :, :n].to(device))  # [1, 1, n * 1920]
-                path = out_dir / f"step{step:07d}_{i}.wav"
-                sf.write(str(path), wav[0, 0].float().cpu().numpy(), int(codec.sample_rate))
-                paths.append(path)
+        for i, result in enumerate(results):
+            path = out_dir / f"step{step:07d}_{i}.wav"
+            write_wav(path, result.audio.numpy(), result.sample_rate)
+            paths.append(path)
         log.info("wrote %d audio samples to %s", len(paths), out_dir)
         return paths
 

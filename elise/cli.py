@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from elise.config import CONF_DIR, compose
 from elise.errors import exit_with
@@ -314,7 +315,10 @@ def main(command: str, argv: list[str] | None = None) -> Any:
     task = getattr(importlib.import_module(module), function)  # after the checks: errors stay fast
 
     def elise_task(cfg: DictConfig) -> Any:
-        return task(cfg)
+        try:
+            return task(cfg)
+        except MissingMandatoryValue as err:  # a required key (``???``) not given: one line
+            exit_with(err)
 
     sys.argv = [prog, *argv]
     return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(elise_task)()

@@ -3,6 +3,12 @@
 Sampling never emits ids >= 2048 (the spare audio ids are not Mimi codes); ``top_k=1`` (or
 ``temperature=0``) is greedy. Generation stops when every item has produced the all-zero EOS frame
 or at ``max_frames``. Batched prompts of different lengths are left-padded and masked.
+
+End of speech under sampling is judged on the greedy choice: an item ends only when EOS is the argmax
+of codebook 0 (and it has made ``min_frames``); otherwise codebook 0 is sampled with EOS excluded.
+Sampling EOS itself cut speech short: a 2-5% EOS probability per frame, drawn at every frame, ends a
+2-second sentence early more often than not. Greedy decoding is unchanged (EOS = the all-zero frame).
+Each item may have its own ``torch.Generator``, so an item's audio does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -18,22 +24,39 @@ from elise.layout import CODEBOOK_SIZE, EOS_CODE, NUM_CODEBOOKS, ROW_WIDTH
 from elise.model.csm import CSM
 
 
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per item
+
+
 @dataclass
 class SamplingConfig:
     temperature: float = 0.9
     top_k: int = 50
+    depth_temperature: float | None = None  # codebooks 1..31 (None: ``temperature``)
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature <= 0
+
+    def depth(self) -> SamplingConfig:
+        """The config of codebooks 1..31."""
+        if self.depth_temperature is None:
+            return self
+        return SamplingConfig(float(self.depth_temperature), self.top_k)
 
 
-def sample_logits(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """logits [B, V] -> ids [B], restricted to real codes (< 2048)."""
+def sample_logits(logits: Tensor, cfg: SamplingConfig, generator: Generators = None) -> Tensor:
+    """logits [B, V] -> ids [B], restricted to real codes (< 2048); ``generator`` may be one per row."""
     logits = logits[:, :CODEBOOK_SIZE].float()  # [B, 2048]: drop the spare ids
-    if cfg.top_k == 1 or cfg.temperature <= 0:
+    if cfg.greedy:
         return logits.argmax(-1)
     logits = logits / cfg.temperature
     if 0 < cfg.top_k < logits.shape[-1]:
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)  # [B, 2048]
+    if isinstance(generator, list):  # row b draws from its own generator: independent of the batch
+        rows = [torch.multinomial(probs[b : b + 1], 1, generator=g) for b, g in enumerate(generator)]
+        return torch.cat(rows).squeeze(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -95,22 +118,39 @@ class FrameGenerator:
         )
         self.h = h[:, -1]
 
-    def decode_frame(self, h: Tensor) -> Tensor:
-        """Codebook 0 from the backbone head, then 1..31 from the depth decoder. h [B, Db] -> codes [B, 32]."""
+    def decode_frame(self, h: Tensor, allow_eos: Tensor | None = None) -> Tensor:
+        """Codebook 0 from the backbone head, then 1..31 from the depth decoder. h [B, Db] -> codes [B, 32].
+
+        ``allow_eos`` [B] bool (None: all): items that may end at this frame. Sampled, an item ends
+        (an all-zero EOS frame) only when EOS is the argmax of codebook 0.
+        """
         m, cache = self.model, self.decoder_cache
-        c0 = sample_logits(m.codebook0_logits(h), self.sampling, self.generator)  # [B]
+        logits0 = m.codebook0_logits(h)[:, :CODEBOOK_SIZE].float()  # [B, 2048]
+        allow = torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if allow_eos is None else allow_eos
+        ends = None
+        if not self.sampling.greedy:
+            ends = (logits0.argmax(-1) == EOS_CODE) & allow.to(h.device)  # [B]
+            allow = torch.zeros_like(allow)  # codebook 0 of a speech frame is sampled without EOS
+        if not bool(allow.all()):
+            logits0[:, EOS_CODE] = torch.where(allow.to(h.device), logits0[:, EOS_CODE], float("-inf"))
+        c0 = sample_logits(logits0, self.sampling, self.generator)  # [B]
+        if ends is not None:
+            c0 = torch.where(ends, EOS_CODE, c0)
         cache.reset()
         x = torch.stack([h, m.audio_embeddings(c0)], dim=1)  # [B, 2, Db] (codebook 0 offset is 0)
         out = m.decoder(m.project(x), cache=cache)[:, -1]  # [B, Dd]
         codes = torch.empty(h.shape[0], NUM_CODEBOOKS, dtype=torch.long, device=h.device)  # [B, 32]
         codes[:, 0] = c0
         offsets = m.audio_offsets.tolist()  # python ints: no per-step tensor indexing
+        depth = self.sampling.depth()
         for k in range(1, NUM_CODEBOOKS):
-            c = sample_logits(m.codebook_logits(out, k), self.sampling, self.generator)  # [B]
+            c = sample_logits(m.codebook_logits(out, k), depth, self.generator)  # [B]
             codes[:, k] = c
             if k < NUM_CODEBOOKS - 1:
                 e = m.audio_embeddings(c + offsets[k])  # [B, Db]
                 out = m.decoder(m.project(e[:, None]), cache=cache)[:, -1]  # [B, Dd]
+        if ends is not None:
+            codes[ends] = EOS_CODE  # the EOS frame
         return codes
 
     def advance(self, codes: Tensor) -> None:
@@ -129,16 +169,19 @@ def generate(
     mask: Tensor,
     max_frames: int | Tensor,
     sampling: SamplingConfig | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     pads: Tensor | None = None,
     stop_on_eos: bool = True,
     on_frame: Callable[[Tensor, Tensor], None] | None = None,
+    min_frames: int | Tensor = 0,
 ) -> tuple[Tensor, Tensor]:
     """Generate audio frames after a prompt.
 
     Args:
         tokens, mask: prompt rows [B, S, 33] (left-padded by ``pads`` [B] when items differ in length).
         max_frames: frame limit, an int or one per item [B].
+        generator: one for the batch, or a list with one per item (batch-independent audio).
+        min_frames: frames before which an item may not end, an int or one per item [B].
         on_frame: called with (codes [B, 32], finished [B] bool) after every frame (streaming).
 
     Returns:
@@ -147,13 +190,15 @@ def generate(
     sampling = sampling or SamplingConfig()
     b = tokens.shape[0]
     limits = torch.as_tensor(max_frames).expand(b).clone()
+    floors = torch.as_tensor(min_frames).expand(b).clone()
     total = int(limits.max())
     gen = FrameGenerator(model, b, tokens.shape[1] + total, sampling, generator)
     gen.prefill(tokens.to(gen.device), mask.to(gen.device), pads)
     lengths = torch.full((b,), -1, dtype=torch.long)
     frames = []
     for f in range(total):
-        codes = gen.decode_frame(gen.hidden)  # [B, 32]
+        allow = (floors <= f).to(gen.device) if bool((floors > f).any()) else None
+        codes = gen.decode_frame(gen.hidden, allow)  # [B, 32]
         frames.append(codes.cpu())
         eos = (codes == EOS_CODE).all(-1).cpu() if stop_on_eos else torch.zeros(b, dtype=torch.bool)
         newly = (lengths < 0) & (eos | (f + 1 >= limits))

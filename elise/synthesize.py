@@ -1,8 +1,10 @@
 """``python synthesize.py ckpt=... text=...``: text (or a file of lines) to 24 kHz wav files.
 
-``run(cfg)`` checks the inputs and output paths first (a typo fails in a second, not after loading a
-model), loads the checkpoint and codec, encodes the voice prompt, generates in batches and returns
-one metrics dict per utterance (also logged as one line each, and written to ``metrics_out``).
+``run(cfg)`` checks every input and output path first (a typo fails in a second, not after loading a
+model), loads the engine (``elise.synthesis.Synthesizer``), writes what it returns through
+``elise.data.audio`` and returns one metrics dict per utterance (also logged as one line each, and
+written to ``metrics_out``). Nothing is written in the working directory when ``output=`` or
+``output_dir=`` is given; otherwise the wavs and a ``synthesize.log`` go to a new ``outputs/synth/<time>``.
 """
 
 from __future__ import annotations
@@ -16,21 +18,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from elise.config import to_dict
-from elise.synthesis.engine import Result, Settings, Synthesizer
+from elise.data.audio import WavWriter
+from elise.synthesis.engine import Request, Result, Settings, Synthesizer, resolve_speaker
 from elise.synthesis.errors import SynthesisError, one_line
-from elise.synthesis.inputs import collect_texts, output_paths
-from elise.synthesis.prompt import load_references
+from elise.synthesis.inputs import check_writable, collect_texts, output_paths
+from elise.synthesis.prompt import check_references
 from elise.synthesis.runtime import load, load_codec, prepare_model, resolve_device, resolve_dtype
 from elise.synthesis.text import LengthBound
-from elise.synthesis.wav import check_writable
 
 log = logging.getLogger("elise.synthesize")
 
 
-def _number(cfg: DictConfig, key: str, kind: type, minimum: float | None = None) -> Any:
+def _number(cfg: DictConfig, key: str, kind: type, minimum: float | None = None, above: bool = False) -> Any:
     value = cfg[key]
     if value is None:
         return None
@@ -38,64 +40,41 @@ def _number(cfg: DictConfig, key: str, kind: type, minimum: float | None = None)
         value = kind(value)
     except (TypeError, ValueError) as err:
         raise SynthesisError(f"{key}={value!r} is not a {kind.__name__}") from err
-    if minimum is not None and value < minimum:
-        raise SynthesisError(f"{key}={value} must be >= {minimum}")
+    if minimum is not None and (value <= minimum if above else value < minimum):
+        raise SynthesisError(f"{key}={value} must be {'>' if above else '>='} {minimum}")
     return value
 
 
 def settings_from(cfg: DictConfig) -> Settings:
     seed = _number(cfg, "seed", int)
     length = cfg.length
+    bound = LengthBound(float(length.seconds_per_char), float(length.margin), float(length.extra_seconds),
+                        float(length.min_seconds_per_char))  # fmt: skip
     return Settings(
         speaker=cfg.speaker,
         temperature=_number(cfg, "temperature", float, 0.0),
         top_k=_number(cfg, "top_k", int, 0),
+        depth_temperature=_number(cfg, "depth_temperature", float, 0.0),
         seed=secrets.randbelow(2**31) if seed is None else seed,
-        max_audio_seconds=_number(cfg, "max_audio_seconds", float),
-        bound=LengthBound(float(length.seconds_per_char), float(length.margin), float(length.extra_seconds)),
+        max_audio_seconds=_number(cfg, "max_audio_seconds", float, 0.0, above=True),
+        bound=bound,
         split_sentences=bool(cfg.split_sentences),
         max_sentence_chars=_number(cfg, "max_sentence_chars", int, 1),
         min_sentence_chars=_number(cfg, "min_sentence_chars", int, 0),
         pause_ms=_number(cfg, "pause_ms", float, 0.0),
         carry_context=bool(cfg.carry_context),
-        stream=bool(cfg.stream),
+        batch_size=_number(cfg, "batch_size", int, 1),
         stream_chunk_frames=_number(cfg, "stream_chunk_frames", int, 1),
     )
 
 
-def _hydra_run_dir() -> str | None:
-    from hydra.core.hydra_config import HydraConfig
-
-    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-
-
-def metrics_of(
-    result: Result, load_seconds: float, seed: int, stream: bool, sample_rate: int
-) -> dict[str, Any]:
-    audio = result.num_samples / sample_rate
-    gen = result.generation_seconds
-    return {
-        "index": result.job.index,
-        "path": str(result.job.path),
-        "text": result.job.text,
-        "pieces": len(result.job.pieces),
-        "frames": result.frames,
-        "audio_seconds": round(audio, 4),
-        "generation_seconds": round(gen, 4),
-        "rtf": round(gen / audio, 4) if audio > 0 else None,
-        "frames_per_second": round(result.frames / gen, 2) if gen > 0 else None,
-        "first_chunk_seconds": round(result.first_chunk_seconds, 4)
-        if stream and result.first_chunk_seconds is not None
-        else None,
-        "model_load_seconds": round(load_seconds, 4),
-        "eos": all(result.eos),
-        "batch_size": result.batch_size,
-        "seed": seed,
-    }
+def _typed(cfg: DictConfig, key: str) -> Any:
+    """A free-text value as typed: OmegaConf reads a text of ``???`` as a missing value."""
+    return "???" if OmegaConf.is_missing(cfg, key) else cfg[key]
 
 
-def _summary(m: dict[str, Any]) -> str:
-    line = f"{Path(m['path']).name}: {m['audio_seconds']:.2f} s audio in {m['generation_seconds']:.2f} s"
+def _summary(path: Path, m: dict[str, Any]) -> str:
+    line = f"{path.name}: {m['audio_seconds']:.2f} s audio in {m['generation_seconds']:.2f} s"
     if m["rtf"] is not None:
         line += f" (RTF {m['rtf']:.3f}, {m['frames_per_second']:.1f} frames/s)"
     if m["batch_size"] > 1:
@@ -105,71 +84,96 @@ def _summary(m: dict[str, Any]) -> str:
     return line + ("" if m["eos"] else ", CUT at the length limit (no end-of-speech)")
 
 
+def _log_to(folder: Path) -> None:
+    """Also log into ``folder/synthesize.log`` (the default output folder only)."""
+    handler = logging.FileHandler(folder / "synthesize.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     """Synthesize every utterance of ``cfg``; returns one metrics dict per utterance, in order."""
-    texts = collect_texts(cfg.text, cfg.text_file)
-    paths = output_paths(len(texts), cfg.output, cfg.output_dir, _hydra_run_dir())
+    texts = collect_texts(_typed(cfg, "text"), cfg.text_file)
+    settings = settings_from(cfg)
+    paths = output_paths(len(texts), cfg.output, cfg.output_dir, bool(cfg.get("overwrite", False)))
     if cfg.metrics_out:
         check_writable(Path(str(cfg.metrics_out)))
-    settings = settings_from(cfg)
-    batch_size = _number(cfg, "batch_size", int, 1)
+    check_references(cfg.reference_audio, cfg.reference_text, _number(cfg, "reference_max_seconds", float, 0.0))
     if cfg.threads:
         torch.set_num_threads(_number(cfg, "threads", int, 1))
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if not cfg.output and not cfg.output_dir:
+        paths[0].parent.mkdir(parents=True, exist_ok=True)
+        _log_to(paths[0].parent)
 
     t0 = time.perf_counter()
     loaded = load(cfg.ckpt, device)
+    resolve_speaker(settings.speaker, loaded.speakers)  # an unknown speaker fails before the codec loads
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
-    codec = load_codec(to_dict(cfg.codec), device, model.cfg.num_codebooks)
+    codec_cfg = to_dict(cfg.codec) if isinstance(cfg.codec, DictConfig) else cfg.codec
+    codec = load_codec(codec_cfg, loaded.codec, device, model.cfg.num_codebooks)
     load_seconds = time.perf_counter() - t0
-    log.info(
-        "loaded %s (%s) and codec %s in %.2f s on %s",
-        cfg.ckpt,
-        loaded.source,
-        codec.identity,
-        load_seconds,
-        device,
-    )
+    log.info("loaded %s (%s) and codec %s in %.2f s on %s", cfg.ckpt, loaded.source, codec.identity,
+             load_seconds, device)  # fmt: skip
     if codec.random_weights:
         log.warning("codec %s has RANDOM weights: the audio it decodes is noise, not speech", codec.identity)
 
-    context = load_references(
-        cfg.reference_audio, cfg.reference_text, settings.speaker, codec, cfg.reference_max_seconds
-    )
-    if context:
-        log.info("voice prompt: %d clip(s), %d frames", len(context), sum(s.codes.shape[1] for s in context))
-    synth = Synthesizer(model, loaded.tokenizer, codec, settings, context)
-    jobs = [synth.job(i + 1, text, path) for i, (text, path) in enumerate(zip(texts, paths, strict=True))]
-    log.info(
-        "seed %d, %d utterance(s), %d piece(s)", settings.seed, len(jobs), sum(len(j.pieces) for j in jobs)
-    )
+    synth = Synthesizer(model, loaded.tokenizer, codec, settings, loaded.speakers)
+    synth.set_voice(cfg.reference_audio, cfg.reference_text, cfg.reference_max_seconds)
+    if synth.context:
+        log.info("voice prompt: %d clip(s), %d frames", len(synth.context),
+                 sum(s.codes.shape[1] for s in synth.context))  # fmt: skip
+    log.info("seed %d, %d utterance(s)", settings.seed, len(texts))
 
-    metrics, wall = [], 0.0
-    for start in range(0, len(jobs), batch_size):
-        results = synth.run_batch(jobs[start : start + batch_size])
-        wall += results[0].generation_seconds
-        for result in results:
-            m = metrics_of(result, load_seconds, settings.seed, settings.stream, codec.sample_rate)
-            if cfg.save_codes:
-                codes_path = result.job.path.with_suffix(".codes.npy")
-                np.save(codes_path, result.all_codes().numpy().astype(np.int64))  # [32, frames]
-                m["codes_path"] = str(codes_path)
-            log.info(_summary(m))
-            metrics.append(m)
+    results = _generate(synth, [Request(t) for t in texts], paths, bool(cfg.stream))
+    metrics = []
+    for i, (text, path, result) in enumerate(zip(texts, paths, results, strict=True)):
+        m = {"index": i + 1, "path": str(path), "text": text, **result.metrics}
+        m["model_load_seconds"] = round(load_seconds, 4)
+        if cfg.save_codes:
+            codes_path = path.with_suffix(".codes.npy")
+            np.save(codes_path, result.codes.numpy().astype(np.int64))  # [32, frames]
+            m["codes_path"] = str(codes_path)
+        log.info(_summary(path, m))
+        metrics.append(m)
     if cfg.metrics_out:
         _write_json(Path(str(cfg.metrics_out)), metrics)
     audio = sum(m["audio_seconds"] for m in metrics)
+    # each batch's generation time once (its first utterance carries it)
+    wall = sum(m["generation_seconds"] for m in metrics if (m["index"] - 1) % settings.batch_size == 0)
     rtf = f"RTF {wall / audio:.3f}" if audio > 0 else "no audio"
-    log.info(
-        "done: %d file(s), %.2f s of audio in %.2f s (%s), in %s",
-        len(metrics),
-        audio,
-        wall,
-        rtf,
-        paths[0].parent,
-    )
+    log.info("done: %d file(s), %.2f s of audio in %.2f s (%s), in %s", len(metrics), audio, wall, rtf,
+             paths[0].parent)  # fmt: skip
     return metrics
+
+
+def _generate(synth: Synthesizer, requests: list[Request], paths: list[Path], stream: bool) -> list[Result]:
+    """Run the engine; write each wav at the end, or chunk by chunk while it is made (``stream``)."""
+    try:
+        if not stream:
+            results = synth.synthesize(requests)
+            for path, result in zip(paths, results, strict=True):
+                with WavWriter(path, result.sample_rate) as w:
+                    w.append(result.audio.numpy())
+            return results
+        writers: dict[int, WavWriter] = {}
+        try:
+            def write(i: int, chunk: torch.Tensor) -> None:
+                if i not in writers:
+                    writers[i] = WavWriter(paths[i], synth.sample_rate)
+                writers[i].append(chunk.numpy())
+
+            results = synth.synthesize(requests, on_chunk=write)
+        finally:
+            for w in writers.values():
+                w.close()
+        for i, path in enumerate(paths):
+            if i not in writers:  # no audio at all: still a (empty) valid wav
+                WavWriter(path, synth.sample_rate).close()
+        return results
+    except OSError as err:
+        raise SynthesisError(f"cannot write output: {one_line(err)}") from err
 
 
 def _write_json(path: Path, metrics: list[dict[str, Any]]) -> None:

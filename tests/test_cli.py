@@ -3,6 +3,7 @@ a misspelled key is one line naming the closest key, ``--help`` lists the comman
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -108,9 +109,14 @@ def test_help_lists_own_keys_with_meanings(command):
 
 
 def test_model_info_help_and_unknown_key():
-    ok = subprocess.run([sys.executable, "-m", "elise.model", "--help"], capture_output=True, text=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's elise
+    ok = subprocess.run(
+        [sys.executable, "-m", "elise.model", "--help"], capture_output=True, text=True, env=env
+    )
     assert ok.returncode == 0 and "model=<" in ok.stdout, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "elise.model", "tex=1"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "elise.model", "tex=1"], capture_output=True, text=True, env=env
+    )
     assert bad.returncode == 2 and bad.stderr.strip() == "error: unknown key 'tex' (see --help for the keys)"
 
 

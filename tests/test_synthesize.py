@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from elise.codec import build_codec
 from elise.config import compose
 from elise.layout import EOS_CODE, NUM_CODEBOOKS, TEXT_COL
-from elise.synthesis import Segment, WavWriter, build_prompt, load_references
+from elise.data.audio import WavWriter
+from elise.synthesis import Segment, build_prompt, load_references
 from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt
 from tests.conftest import save_tiny
@@ -71,24 +72,24 @@ def test_text_file_numbering(ckpt, tmp_path):
 def test_reference_prompt_rows(tmp_path):
     tok, codec = ByteTokenizer(), build_codec("tiny")
     clip = tmp_path / "ref.wav"
-    t = np.arange(16_000 * 3 // 4) / 16_000  # 0.75 s at 16 kHz, stereo
+    t = np.arange(16_000 * 5 // 4) / 16_000  # 1.25 s at 16 kHz, stereo
     sf.write(clip, np.stack([np.sin(2 * np.pi * 220 * t), np.sin(2 * np.pi * 330 * t)], 1) * 0.3, 16_000)
     [seg] = load_references(str(clip), "Reference words", 0, codec)
-    assert seg.codes.shape == (NUM_CODEBOOKS, 10)  # 18000 samples at 24 kHz -> ceil(18000 / 1920)
+    assert seg.codes.shape == (NUM_CODEBOOKS, 16)  # 30000 samples at 24 kHz -> ceil(30000 / 1920)
     plain_tokens, _ = build_prompt(tok, "Target", 0)
     tokens, mask = build_prompt(tok, "Target", 0, [seg])
     ref_ids, target_ids = encode_prompt(tok, "Reference words", 0), encode_prompt(tok, "Target", 0)
     n = len(ref_ids)
-    assert tokens.shape[0] == n + 10 + 1 + len(target_ids)
+    assert tokens.shape[0] == n + 16 + 1 + len(target_ids)
     assert tokens[:n, TEXT_COL].tolist() == ref_ids and mask[:n, TEXT_COL].all() and not mask[:n, :32].any()
-    assert torch.equal(tokens[n : n + 10, :32], seg.codes.t()) and mask[n : n + 10, :32].all()
-    assert (tokens[n + 10, :32] == EOS_CODE).all() and mask[n + 10, :32].all()  # context ends with EOS
-    assert torch.equal(tokens[n + 11 :], plain_tokens)  # then the target text, no audio
+    assert torch.equal(tokens[n : n + 16, :32], seg.codes.t()) and mask[n : n + 16, :32].all()
+    assert (tokens[n + 16, :32] == EOS_CODE).all() and mask[n + 16, :32].all()  # context ends with EOS
+    assert torch.equal(tokens[n + 17 :], plain_tokens)  # then the target text, no audio
 
 
 def test_reference_audio_end_to_end(ckpt, tmp_path):
     clip = tmp_path / "ref.flac"
-    sf.write(clip, 0.2 * np.random.default_rng(0).standard_normal(44_100 // 2), 44_100)
+    sf.write(clip, 0.2 * np.random.default_rng(0).standard_normal(44_100 * 3 // 2), 44_100)
     base = dict(text="Same words", max_audio_seconds=0.24)
     [plain] = run(config(ckpt, **base, output=str(tmp_path / "a.wav"), save_codes=True))
     [voiced] = run(
@@ -105,21 +106,26 @@ def test_seed_determinism(ckpt, tmp_path):
         return (tmp_path / name).read_bytes()
 
     assert sample("a.wav", 3) == sample("b.wav", 3)
-    assert sample("c.wav", 4) != sample("a.wav", 3)
+    assert sample("c.wav", 4) != (tmp_path / "a.wav").read_bytes()
 
 
 def test_eos_stops_generation(tmp_path):
     ckpt = save_tiny(tmp_path / "eos.ckpt", zero_norm=True)
     # an 8 s limit: without the stop this returns 100 frames
-    [m] = run(config(ckpt, text="Stop at once", output=str(tmp_path / "e.wav"), max_audio_seconds=8))
+    cfg = config(ckpt, text="Stop at once", output=str(tmp_path / "e.wav"), max_audio_seconds=8)
+    cfg.length.min_seconds_per_char = 0.0
+    [m] = run(cfg)
     assert m["eos"] and m["frames"] == 0 and sf.info(tmp_path / "e.wav").frames == 0
+    # the length floor: no end before 0.05 s per character (12 characters: 7 frames)
+    [m] = run(config(ckpt, text="Stop at once", output=str(tmp_path / "f.wav"), max_audio_seconds=8))
+    assert m["eos"] and m["frames"] == 7
 
 
 def test_length_bound_scales_with_text(ckpt, tmp_path):
-    length = {"seconds_per_char": 0.01, "margin": 1.0, "extra_seconds": 0.16}
+    length = {"seconds_per_char": 0.01, "margin": 1.0, "extra_seconds": 0.16, "min_seconds_per_char": 0.0}
     frames = []
     for text in ("Ten chars!", "Thirty characters of text here"):
-        cfg = config(ckpt, text=text, output=str(tmp_path / "x.wav"), max_audio_seconds=None)
+        cfg = config(ckpt, text=text, output=str(tmp_path / "x.wav"), max_audio_seconds=None, overwrite=True)
         cfg.length = length
         frames.append(run(cfg)[0]["frames"])
     # ceil(12.5 * (0.16 + 0.01 * chars)): 10 chars -> 4 frames, 30 chars -> 6 frames
@@ -173,16 +179,16 @@ def test_previous_piece_context_and_room(ckpt):
 
     loaded = load_model(ckpt)
     tok, codec = loaded.tokenizer, build_codec("tiny")
-    synth = Synthesizer(loaded.model, tok, codec, Settings(max_audio_seconds=0.4), [])
+    synth = Synthesizer(loaded.model, tok, codec, Settings(max_audio_seconds=0.4))
     previous = Segment("One piece here.", 0, torch.ones(NUM_CODEBOOKS, 7, dtype=torch.long))
-    (alone, _), limit = synth.prompt("Another piece!", None)
-    (tokens, _), _ = synth.prompt("Another piece!", previous)
+    (alone, _), limit, _ = synth.prompt("Another piece!", 0, None)
+    (tokens, _), _, _ = synth.prompt("Another piece!", 0, previous)
     assert (
         limit == 5 and tokens.shape[0] == alone.shape[0] + len(encode_prompt(tok, "One piece here.", 0)) + 8
     )
     assert torch.equal(tokens[-alone.shape[0] :], alone)
     long_previous = Segment("x", 0, torch.ones(NUM_CODEBOOKS, 2040, dtype=torch.long))
-    (tokens, _), _ = synth.prompt("Another piece!", long_previous)
+    (tokens, _), _, _ = synth.prompt("Another piece!", 0, long_previous)
     assert torch.equal(tokens, alone)
 
 

@@ -1,5 +1,6 @@
-"""Audio decoding: any file or bytes soundfile reads (wav/flac/ogg/mp3), any rate and channel count
-in; 24 kHz mono float32 out (soxr, high quality).
+"""Audio in and out, the one place: decoding any file or bytes soundfile reads (wav/flac/ogg/mp3), any
+rate and channel count in, 24 kHz mono float32 out (soxr, high quality); ``write_wav`` and the
+streaming ``WavWriter`` (a 16-bit PCM wav that is valid after every append).
 
 Decoding is done here and not by ``datasets`` (whose audio feature needs torchcodec/ffmpeg), so a
 clip decodes the same way whichever source it came from.
@@ -8,6 +9,7 @@ clip decodes the same way whichever source it came from.
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +82,61 @@ def read_audio(src: str | Path | bytes, target_sr: int = TARGET_SR) -> np.ndarra
     return resample(mono, int(sr), target_sr)  # [N'] float32
 
 
-def write_wav(path: str | Path, wav: np.ndarray, sr: int = TARGET_SR, subtype: str = "PCM_16") -> None:
-    """Write mono float audio [N] (or [N, C]) as wav/flac (format from the suffix)."""
-    sf.write(str(path), np.asarray(wav, dtype=np.float32), sr, subtype=subtype)
+def to_pcm16(wav: np.ndarray) -> np.ndarray:
+    """Float audio [N] in [-1, 1] -> int16 [N] (clipped: random-weight codecs can exceed full scale)."""
+    return np.round(np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+
+
+def write_wav(path: str | Path, wav: np.ndarray, sr: int = TARGET_SR) -> None:
+    """Write mono float audio [N]: ``.wav`` as 16-bit PCM (``WavWriter``), other suffixes (flac) by soundfile."""
+    if Path(path).suffix.lower() != ".wav":
+        sf.write(str(path), np.asarray(wav, dtype=np.float32), sr, subtype="PCM_16")
+        return
+    with WavWriter(path, sr) as writer:
+        writer.append(wav)
+
+
+def _header(num_samples: int, sample_rate: int) -> bytes:
+    data = 2 * num_samples
+    return struct.pack(
+        "<4sI4s4sIHHIIHH4sI",
+        b"RIFF", 36 + data, b"WAVE",
+        b"fmt ", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16,  # PCM, mono, byte rate, block align, bits
+        b"data", data,
+    )  # fmt: skip
+
+
+class WavWriter:
+    """Append float audio to ``path`` as 16-bit PCM mono; the file is a valid wav after every ``append``
+    (the RIFF and data sizes are rewritten after each chunk). Raises OSError when it cannot write."""
+
+    def __init__(self, path: str | Path, sample_rate: int = TARGET_SR):
+        self.path, self.sample_rate, self.num_samples = Path(path), sample_rate, 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "wb")  # noqa: SIM115 - stays open across appends, closed in close()
+        self._f.write(_header(0, sample_rate))
+        self._f.flush()
+
+    def append(self, wav: np.ndarray) -> None:
+        """Append mono float samples [N] and rewrite the header sizes."""
+        pcm = to_pcm16(np.asarray(wav).reshape(-1))
+        self._f.seek(0, 2)
+        self._f.write(pcm.tobytes())
+        self.num_samples += pcm.size
+        self._f.seek(0)
+        self._f.write(_header(self.num_samples, self.sample_rate))
+        self._f.flush()
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def __enter__(self) -> WavWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

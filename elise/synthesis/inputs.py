@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from elise.synthesis.errors import SynthesisError
+from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.text import normalize, read_text_file
-from elise.synthesis.wav import check_writable
 
 
 def collect_texts(text: object, text_file: object) -> list[str]:
@@ -26,17 +25,21 @@ def collect_texts(text: object, text_file: object) -> list[str]:
     return [cleaned]
 
 
-def default_output_dir(run_dir: str | None = None) -> Path:
-    """The Hydra run directory when there is one, else ``outputs/synth/<time>``."""
-    if run_dir:
-        return Path(run_dir)
-    return Path("outputs") / "synth" / time.strftime("%Y-%m-%d_%H-%M-%S")
+def default_output_dir() -> Path:
+    """``outputs/synth/<time>`` (a fresh folder: a same-second run gets a ``-2`` suffix)."""
+    base = Path("outputs") / "synth" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
 
 
-def output_paths(count: int, output: object, output_dir: object, run_dir: str | None = None) -> list[Path]:
+def output_paths(count: int, output: object, output_dir: object, overwrite: bool = False) -> list[Path]:
     """``output`` names the wav of a single utterance; otherwise ``<output_dir>/0001.wav``, ``0002.wav``, ...
+    (no ``output_dir``: a new ``outputs/synth/<time>``).
 
-    Every path is checked writable before any model is loaded.
+    Every path is checked writable, and not already there unless ``overwrite``, before any model is loaded.
     """
     if output and output_dir:
         raise SynthesisError("pass output=<file.wav> or output_dir=<folder>, not both")
@@ -52,10 +55,25 @@ def output_paths(count: int, output: object, output_dir: object, run_dir: str | 
             raise SynthesisError(f"output={path} is a directory; use output_dir={path}")
         paths = [path]
     else:
-        folder = Path(str(output_dir)).expanduser() if output_dir else default_output_dir(run_dir)
+        folder = Path(str(output_dir)).expanduser() if output_dir else default_output_dir()
         if folder.exists() and not folder.is_dir():
             raise SynthesisError(f"output_dir={folder} exists and is not a directory")
         paths = [folder / f"{i:04d}.wav" for i in range(1, count + 1)]
     for p in paths:
+        if p.exists() and not overwrite:
+            raise SynthesisError(f"{p} exists; pass overwrite=true to replace it")
         check_writable(p)
     return paths
+
+
+def check_writable(path: Path) -> None:
+    """Fail early (before loading a model) when ``path`` cannot be created or written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as err:
+        raise SynthesisError(f"cannot write output {path}: {one_line(err)}") from err

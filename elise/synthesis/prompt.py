@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from elise.codec.base import Codec
-from elise.data.audio import AudioError, read_audio
+from elise.data.audio import TARGET_SR, AudioError, read_audio
 from elise.layout import segment_rows, text_rows
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.text import Tokenizer, encode_prompt
@@ -45,12 +46,17 @@ def as_list(value: object) -> list:
     return list(value)  # type: ignore[call-overload]
 
 
-def load_references(
-    audio: object, texts: object, speaker: int | str, codec: Codec, max_seconds: float | None = None
-) -> list[Segment]:
-    """Read and encode voice-prompt clips (any format soundfile reads, any rate or channel count).
+MIN_REFERENCE_SECONDS = 1.0
+SILENT_PEAK = 1e-3  # a clip whose loudest sample is below this (-60 dBFS) holds no voice
 
-    ``audio`` and ``texts`` are a path/transcript or equal-length lists of them.
+
+def check_references(
+    audio: object, texts: object, max_seconds: float | None = 30.0, sample_rate: int = TARGET_SR
+) -> list[tuple[str, str, np.ndarray]]:
+    """Read and check voice-prompt clips before any model loads: (path, transcript, mono wav [N]) each.
+
+    ``audio`` and ``texts`` are a path/transcript or equal-length lists of them; every clip must be
+    readable, not silent and last between 1 s and ``max_seconds``.
     """
     paths, transcripts = [str(p) for p in as_list(audio)], [str(t) for t in as_list(texts)]
     if paths and not transcripts:
@@ -61,26 +67,41 @@ def load_references(
         raise SynthesisError(
             f"{len(paths)} reference_audio file(s) but {len(transcripts)} reference_text(s); give one text per file"
         )
-    segments = []
+    clips = []
     for path, transcript in zip(paths, transcripts, strict=True):
         if not transcript.strip():
             raise SynthesisError(f"reference_text for {path} is empty")
+        if Path(path).is_dir():
+            raise SynthesisError(f"reference_audio={path} is a directory")
         try:
-            wav = read_audio(path, codec.sample_rate)  # [N] float32, mono at the codec's rate
-        except (FileNotFoundError, AudioError, OSError) as err:
+            wav = read_audio(path, sample_rate)  # [N] float32, mono at the codec's rate
+        except FileNotFoundError as err:
+            raise SynthesisError(f"reference_audio={path} not found") from err
+        except (AudioError, OSError) as err:
             raise SynthesisError(f"cannot read reference audio {path}: {one_line(err)}") from err
-        if wav.size == 0:
-            raise SynthesisError(f"reference audio {path} has no samples")
-        if max_seconds is not None and wav.size > max_seconds * codec.sample_rate:
+        seconds = wav.size / sample_rate
+        if seconds < MIN_REFERENCE_SECONDS:
+            raise SynthesisError(f"reference audio {path} lasts {seconds:.2f} s; it needs at least 1 s of speech")
+        if max_seconds is not None and seconds > max_seconds:
             raise SynthesisError(
-                f"reference audio {path} lasts {wav.size / codec.sample_rate:.1f} s; "
-                f"the limit is reference_max_seconds={max_seconds} (a long prompt leaves no room to generate)"
+                f"reference audio {path} lasts {seconds:.1f} s; the limit is reference_max_seconds={max_seconds} "
+                "(a long prompt leaves no room to generate)"
             )
+        if float(np.abs(wav).max()) < SILENT_PEAK:
+            raise SynthesisError(f"reference audio {path} is silent")
+        clips.append((path, " ".join(transcript.split()), wav))
+    return clips
+
+
+def load_references(
+    audio: object, texts: object, speaker: int | str, codec: Codec, max_seconds: float | None = 30.0
+) -> list[Segment]:
+    """Check, read and encode voice-prompt clips (any format soundfile reads, any rate or channel count)."""
+    segments = []
+    for _path, transcript, wav in check_references(audio, texts, max_seconds, codec.sample_rate):
         x = torch.from_numpy(wav).to(torch.float32)[None, None]  # [1, 1, N]
         codes, frames = codec.encode(x)  # [1, 32, T], [1]
-        segments.append(
-            Segment(" ".join(transcript.split()), speaker, codes[0, :, : int(frames[0])].cpu().long())
-        )
+        segments.append(Segment(transcript, speaker, codes[0, :, : int(frames[0])].cpu().long()))
     return segments
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from elise.checkpoints import Loaded, load_model
-from elise.codec import Codec, build_codec
+from elise.codec import Codec, build_codec, check_codec
 from elise.model.csm import CSM
 from elise.model.quant import quantize_int8
 from elise.synthesis.errors import SynthesisError, one_line
@@ -52,6 +52,8 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
         quantize_int8(model)
         log.info("quantize=int8: int8 weight-only matmuls for both stacks, the projection and the heads")
     if compile:
+        if next(model.parameters()).device.type == "cpu":
+            log.warning("compile=true on CPU: the first frames wait for torch.compile (a minute or more)")
         model.compile_steps()
         log.info(
             "compile=true: backbone and decoder decode steps compiled (static shapes; first frames compile)"
@@ -65,9 +67,34 @@ def load(ckpt: str, device: torch.device) -> Loaded:
     return load_model(str(ckpt), map_location=device)
 
 
-def load_codec(codec_cfg: dict[str, Any], device: torch.device, num_codebooks: int) -> Codec:
-    """Build the configured codec on ``device``; it must have the model's codebook count."""
-    kwargs = dict(codec_cfg)
+def resolve_codec(
+    requested: dict[str, Any] | str | None, recorded: dict[str, Any] | None
+) -> tuple[dict[str, Any], str | None]:
+    """(``build_codec`` options, one warning line or None) for a model trained on codec ``recorded``.
+
+    ``requested`` None: the recorded codec with its recorded settings (``elise.codec.check_codec``
+    decides the name and the warning).
+    """
+    if isinstance(requested, str):
+        requested = {"name": requested}
+    name, warning = check_codec(recorded, None if requested is None else str(requested.get("name")))
+    if requested is not None:
+        return dict(requested), warning
+    config = dict((recorded or {}).get("config") or {}) if recorded and recorded.get("name") == name else {}
+    return {**{k: v for k, v in config.items() if k != "name"}, "name": name}, warning
+
+
+def load_codec(
+    requested: dict[str, Any] | str | None,
+    recorded: dict[str, Any] | None,
+    device: torch.device,
+    num_codebooks: int,
+) -> Codec:
+    """Build the codec (None: the one the model was trained on) on ``device``; it must have the model's
+    codebook count."""
+    kwargs, warning = resolve_codec(requested, recorded)
+    if warning:
+        log.warning(warning)
     kwargs["device"] = str(device)
     try:
         codec = build_codec(**kwargs)

@@ -31,12 +31,14 @@ class LengthBound:
 
     ``frames = ceil(12.5 * (extra_seconds + margin * seconds_per_char * chars))``: speech runs at
     roughly 0.06-0.12 s per character, so the default (0.12 s/char, margin 2, plus 3 s) leaves about
-    four times the usual duration before a piece that never emits EOS is cut.
+    four times the usual duration before a piece that never emits EOS is cut. No piece may end
+    before ``min_seconds_per_char * chars`` (about half the usual duration).
     """
 
     seconds_per_char: float = 0.12
     margin: float = 2.0
     extra_seconds: float = 3.0
+    min_seconds_per_char: float = 0.05
 
     def frames(self, text: str) -> int:
         seconds = self.extra_seconds + self.margin * self.seconds_per_char * len(text)
@@ -128,6 +130,8 @@ def _merge_short(pieces: list[str], max_chars: int, min_chars: int) -> list[str]
 def read_text_file(path: str | Path) -> list[str]:
     """Utterances of a text file: one per line, blank lines skipped, whitespace normalised."""
     path = Path(path)
+    if path.is_dir():
+        raise SynthesisError(f"text_file={path} is a directory; give a text file with one utterance per line")
     if not path.is_file():
         raise SynthesisError(f"text_file not found: {path}")
     try:
