@@ -10,7 +10,7 @@ from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -47,7 +47,7 @@ def _load_group_file(group_path: str) -> DictConfig:
     if "_self_" not in entries:
         entries.append("_self_")
     group = group_path.rsplit("/", 1)[0] if "/" in group_path else ""
-    merged = OmegaConf.create({})
+    merged: DictConfig | ListConfig = OmegaConf.create({})
     for entry in entries:
         if entry == "_self_":
             merged = OmegaConf.merge(merged, node)

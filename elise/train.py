@@ -402,3 +402,9 @@ def main(cfg: DictConfig) -> float | None:
         exit_with(err, EXIT_USER_ERROR)
     name = cfg.get("optimized_metric")
     return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":  # `python -m elise.train`: the same command as the checkout's train.py
+    from elise.cli import main as cli_main
+
+    cli_main("train")
