@@ -23,7 +23,6 @@ from torch import Tensor
 from elise.layout import CODEBOOK_SIZE, EOS_CODE, NUM_CODEBOOKS, ROW_WIDTH
 from elise.model.csm import CSM
 
-
 Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per item
 
 

@@ -98,7 +98,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     paths = output_paths(len(texts), cfg.output, cfg.output_dir, bool(cfg.get("overwrite", False)))
     if cfg.metrics_out:
         check_writable(Path(str(cfg.metrics_out)))
-    check_references(cfg.reference_audio, cfg.reference_text, _number(cfg, "reference_max_seconds", float, 0.0))
+    check_references(
+        cfg.reference_audio, cfg.reference_text, _number(cfg, "reference_max_seconds", float, 0.0)
+    )
     if cfg.threads:
         torch.set_num_threads(_number(cfg, "threads", int, 1))
     device = resolve_device(cfg.device)
@@ -159,6 +161,7 @@ def _generate(synth: Synthesizer, requests: list[Request], paths: list[Path], st
             return results
         writers: dict[int, WavWriter] = {}
         try:
+
             def write(i: int, chunk: torch.Tensor) -> None:
                 if i not in writers:
                     writers[i] = WavWriter(paths[i], synth.sample_rate)

@@ -10,10 +10,10 @@ import pytest
 import soundfile as sf
 import torch
 
+from elise.data.audio import WavWriter
 from elise.generate import SamplingConfig, generate
 from elise.layout import text_rows
 from elise.model import build_model
-from elise.data.audio import WavWriter
 from elise.synthesis import LengthBound, SynthesisError, max_frames, split_sentences
 from elise.synthesis.runtime import prepare_model
 

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 from elise.codec import build_codec
 from elise.config import compose
-from elise.layout import EOS_CODE, NUM_CODEBOOKS, TEXT_COL
 from elise.data.audio import WavWriter
+from elise.layout import EOS_CODE, NUM_CODEBOOKS, TEXT_COL
 from elise.synthesis import Segment, build_prompt, load_references
 from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt

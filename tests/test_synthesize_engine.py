@@ -15,8 +15,6 @@ import soundfile as sf
 import torch
 from test_synthesize import config
 
-from tests.conftest import save_tiny
-
 from elise.codec import build_codec
 from elise.layout import NUM_CODEBOOKS, pad_rows, segment_rows
 from elise.model import build_model
@@ -24,6 +22,7 @@ from elise.model.loss import csm_loss
 from elise.synthesis import Request, Settings, SynthesisError, Synthesizer, resolve_speaker
 from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt
+from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello there, how are you today?", "The weather is lovely this morning.", "Good night."]
@@ -44,7 +43,9 @@ def trained() -> Synthesizer:
     model, tok = build_model("test"), ByteTokenizer()
     g = torch.Generator().manual_seed(0)
     rows = [
-        segment_rows(encode_prompt(tok, t, 0), torch.randint(1, 2048, (NUM_CODEBOOKS, n), generator=g), eos=True)
+        segment_rows(
+            encode_prompt(tok, t, 0), torch.randint(1, 2048, (NUM_CODEBOOKS, n), generator=g), eos=True
+        )
         for t, n in zip(TEXTS, FRAMES, strict=True)
     ]
     tokens, mask = pad_rows(rows)  # [3, S, 33] x2
@@ -123,7 +124,11 @@ def test_inputs_checked_before_the_model_loads(tmp_path, case, match):
     rng = np.random.default_rng(0)
     clip = tmp_path / "ref.wav"
     seconds = {"short": 0.5, "long": 4.0}.get(case, 2.0)
-    wav = np.zeros(int(24_000 * seconds)) if case == "silent" else 0.3 * rng.standard_normal(int(24_000 * seconds))
+    wav = (
+        np.zeros(int(24_000 * seconds))
+        if case == "silent"
+        else 0.3 * rng.standard_normal(int(24_000 * seconds))
+    )
     sf.write(clip, wav, 24_000)
     values: dict = {"text": "Hi there.", "output": str(tmp_path / "o.wav"), "reference_text": "Words",
                     "reference_audio": str(clip), "reference_max_seconds": 3}  # fmt: skip
@@ -162,9 +167,8 @@ def test_long_text_reports_progress(ckpt, tmp_path, caplog):
 
 
 def test_compile_on_cpu_warns_up_front(ckpt, caplog, monkeypatch):
-    from elise.synthesis import runtime
-
     from elise.model.csm import CSM
+    from elise.synthesis import runtime
 
     monkeypatch.setattr(CSM, "compile_steps", lambda self: None)
     model = runtime.load(str(ckpt), torch.device("cpu")).model

@@ -319,7 +319,9 @@ def resolve_speaker(speaker: int | str, speakers: dict[str, int]) -> int | str:
         speaker = int(speaker)
     if isinstance(speaker, int) and not isinstance(speaker, bool):
         if speakers and speaker not in speakers.values():
-            raise SynthesisError(f"speaker={speaker} is not a speaker of this model; known: {_known(speakers)}")
+            raise SynthesisError(
+                f"speaker={speaker} is not a speaker of this model; known: {_known(speakers)}"
+            )
         return speaker
     name = str(speaker)
     if name in speakers:

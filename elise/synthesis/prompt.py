@@ -81,7 +81,9 @@ def check_references(
             raise SynthesisError(f"cannot read reference audio {path}: {one_line(err)}") from err
         seconds = wav.size / sample_rate
         if seconds < MIN_REFERENCE_SECONDS:
-            raise SynthesisError(f"reference audio {path} lasts {seconds:.2f} s; it needs at least 1 s of speech")
+            raise SynthesisError(
+                f"reference audio {path} lasts {seconds:.2f} s; it needs at least 1 s of speech"
+            )
         if max_seconds is not None and seconds > max_seconds:
             raise SynthesisError(
                 f"reference audio {path} lasts {seconds:.1f} s; the limit is reference_max_seconds={max_seconds} "
