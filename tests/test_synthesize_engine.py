@@ -195,3 +195,18 @@ def test_default_output_folder_only_without_output(ckpt, tmp_path, monkeypatch):
     [m] = run(config(ckpt, text="Hi."))
     folder = Path(m["path"]).parent
     assert folder.parent == Path("outputs") / "synth" and (folder / "synthesize.log").is_file()
+
+
+def test_training_samples_come_from_the_engine(tmp_path):
+    """AudioSamples synthesizes through the engine at the users' defaults and writes through elise.data.audio."""
+    from types import SimpleNamespace
+
+    from elise.callbacks import AudioSamples
+
+    model, tok = build_model("tiny").eval(), ByteTokenizer()
+    cb = AudioSamples({"name": "tiny"}, max_frames=3, seed=0)
+    assert (cb.settings.temperature, cb.settings.top_k) == (Settings().temperature, Settings().top_k)
+    examples = [SimpleNamespace(text=t, text_ids=encode_prompt(tok, t, 0)) for t in ("Hi.", "Bye now.")]
+    paths = cb.write_samples(model, examples, tmp_path, 7)
+    assert [p.name for p in paths] == ["step0000007_0.wav", "step0000007_1.wav"]
+    assert all(sf.info(p).samplerate == 24_000 and sf.info(p).frames % 1920 == 0 for p in paths)
