@@ -39,6 +39,8 @@ OPEN_SECTIONS = ("trainer", "callbacks", "logger", "hydra")
 # Config groups that are plumbing, not options a user picks: left out of --help.
 HIDDEN_GROUPS = ("hydra", "paths", "local")
 _ABSENT = object()  # OmegaConf.select default: tells a missing key from a null one
+# Short spellings users type, per command: ``python train.py precision=bf16-mixed`` is trainer.precision.
+ALIASES = {"train": {"precision": "trainer.precision"}}
 
 
 def quote_verbatim(value: str) -> str:
@@ -51,6 +53,18 @@ def quote_verbatim(value: str) -> str:
     value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)  # quotes, and the backslashes before
     value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)  # backslashes before the closing quote
     return f"'{value}'"
+
+
+def aliased_args(command: str, argv: list[str]) -> list[str]:
+    """``argv`` with the aliases of ``command`` (``ALIASES``) spelled as their real keys."""
+    aliases = ALIASES.get(command, {})
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        plus = key[: len(key) - len(key.lstrip("+"))]
+        name = key.lstrip("+")
+        out.append(f"{plus}{aliases[name]}={value}" if eq and name in aliases else arg)
+    return out
 
 
 def verbatim_args(argv: list[str]) -> list[str]:
@@ -299,7 +313,7 @@ def main(command: str, argv: list[str] | None = None) -> Any:
     if "--help" in argv or "-h" in argv:
         print(help_text(config_name, prog))
         raise SystemExit(0)
-    argv = verbatim_args(argv)
+    argv = verbatim_args(aliased_args(command, argv))
     cfg = check_overrides(config_name, argv)
     if command == "train":
         from elise.preflight import UserError, preflight

@@ -48,7 +48,16 @@ def test_double_plus_trainer_precision_reaches_the_trainer_and_single_plus_is_no
         compose("train", ["+trainer.precision=bf16-mixed"])
 
 
-def test_top_level_precision_is_a_one_line_pointer_to_the_trainer_key():
+def test_typed_precision_is_the_trainer_precision():
+    from elise.cli import aliased_args, check_overrides
+
+    argv = aliased_args("train", ["trainer.devices=1", "precision=bf16-mixed"])  # the brief's command line
+    assert argv == ["trainer.devices=1", "trainer.precision=bf16-mixed"]
+    assert check_overrides("train", argv).trainer.precision == "bf16-mixed"
+    assert aliased_args("synthesize", ["precision=x"]) == ["precision=x"]  # aliases are per command
+
+
+def test_top_level_precision_in_a_composed_config_is_a_one_line_pointer():
     cfg = compose("train", ["experiment=demo", "precision=bf16-mixed"])
     with pytest.raises(UserError, match=r"trainer\.precision=bf16-mixed"):
         check_config(cfg)
