@@ -269,8 +269,11 @@ class Synthesizer:
             args = (self.model, tokens, mask, limits, sampling, [gens[b] for b in active], pads)
             if on_chunk is not None:
                 with self.codec.streaming_decoder(len(active)) as step:
-                    sink = StreamSink(step, lambda a, c, active=active: emit(active[a], c), len(active),
-                                      s.stream_chunk_frames, spf)  # fmt: skip
+
+                    def emit_active(a: int, chunk: Tensor, active: list[int] = active) -> None:
+                        emit(active[a], chunk)
+
+                    sink = StreamSink(step, emit_active, len(active), s.stream_chunk_frames, spf)
                     codes, lengths = generate(*args, on_frame=sink, min_frames=floors)
                     sink.flush()
             else:
@@ -294,6 +297,7 @@ class Synthesizer:
         seconds = time.perf_counter() - t0
         results = []
         for b in range(len(reqs)):
+            first_chunk = first[b] if on_chunk is not None else None
             wav = torch.cat(audio[b]) if audio[b] else torch.zeros(0)
             frames = sum(int(c.shape[1]) for c in codes_out[b])
             length = wav.numel() / self.sample_rate
@@ -304,7 +308,7 @@ class Synthesizer:
                 "generation_seconds": round(seconds, 4),
                 "rtf": round(seconds / length, 4) if length > 0 else None,
                 "frames_per_second": round(frames / seconds, 2) if seconds > 0 else None,
-                "first_chunk_seconds": round(first[b], 4) if on_chunk is not None and first[b] else None,
+                "first_chunk_seconds": None if first_chunk is None else round(first_chunk, 4),
                 "eos": all(eos_out[b]),
                 "batch_size": len(reqs),
                 "seed": seeds[b],
