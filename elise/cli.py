@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from elise.config import CONF_DIR, compose
 from elise.errors import exit_with
+from elise.rundir import claim_dir
 
 # Keys whose values are free text or file paths: they never go through Hydra's value grammar.
 VERBATIM_KEYS = frozenset(
@@ -38,6 +40,7 @@ TEXT_KEYS = frozenset({"text", "reference_text"})  # "null" typed here is a sent
 OPEN_SECTIONS = ("trainer", "callbacks", "logger", "hydra")
 # Config groups that are plumbing, not options a user picks: left out of --help.
 HIDDEN_GROUPS = ("hydra", "paths", "local")
+ARGV_READY = "ELISE_ARGV_QUOTED"  # environment flag: sys.argv already went through verbatim_args
 _ABSENT = object()  # OmegaConf.select default: tells a missing key from a null one
 # Short spellings users type, per command: ``python train.py precision=bf16-mixed`` is trainer.precision.
 ALIASES = {"train": {"precision": "trainer.precision"}}
@@ -279,16 +282,8 @@ def claim_run_dir(config_name: str, argv: list[str]) -> list[str]:
     section, name = key.split(".")[1:]
     if "${now:" not in str(cfg.hydra[section]._get_node(name)._value()):
         return argv
-    path = Path(str(OmegaConf.select(cfg, key)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return [*argv, f"{key}={quote_verbatim(str(candidate))}"]
-    raise FileExistsError(f"{path}: 10000 runs started in the same second")
+    run_dir = claim_dir(Path(str(OmegaConf.select(cfg, key))))
+    return [*argv, f"{key}={quote_verbatim(str(run_dir))}"]
 
 
 # command: (config name, "module:function" given the composed config, how a user types it)
@@ -313,7 +308,8 @@ def main(command: str, argv: list[str] | None = None) -> Any:
     if "--help" in argv or "-h" in argv:
         print(help_text(config_name, prog))
         raise SystemExit(0)
-    argv = verbatim_args(aliased_args(command, argv))
+    if not os.environ.get(ARGV_READY):  # set: a DDP rank re-run by Lightning with our argv below
+        argv = verbatim_args(aliased_args(command, argv))
     cfg = check_overrides(config_name, argv)
     if command == "train":
         from elise.preflight import UserError, preflight
@@ -334,5 +330,11 @@ def main(command: str, argv: list[str] | None = None) -> Any:
         except MissingMandatoryValue as err:  # a required key (``???``) not given: one line
             exit_with(err)
 
-    sys.argv = [prog, *argv]
-    return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(elise_task)()
+    # Lightning's DDP launcher re-runs sys.argv for the other ranks: argv[0] stays the real script, and
+    # ARGV_READY tells those runs that the values are quoted already
+    sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else prog, *argv]
+    os.environ[ARGV_READY] = "1"
+    try:
+        return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(elise_task)()
+    finally:
+        os.environ.pop(ARGV_READY, None)

@@ -226,7 +226,8 @@ class EliseModule(pl.LightningModule):
         self.val_cb_loss.reset()
         logs = {f"val/acc_cb{k}": acc[k].float() for k in range(NUM_CODEBOOKS)}
         logs.update({f"val/loss_cb{k}": cb_loss[k].float() for k in range(NUM_CODEBOOKS)})
-        self.log_dict(logs, on_step=False, on_epoch=True)
+        # already equal on every rank: sync_dist only says so to Lightning (one warning per key otherwise)
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True)
 
     # ---- optimisation ------------------------------------------------------------------------
 

@@ -113,7 +113,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     loaded = load(cfg.ckpt, device)
     resolve_speaker(settings.speaker, loaded.speakers)  # an unknown speaker fails before the codec loads
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
-    codec_cfg = to_dict(cfg.codec) if isinstance(cfg.codec, DictConfig) else cfg.codec
+    codec_node = cfg.get("codec")  # absent when no codec= is given: the checkpoint's own
+    codec_cfg = to_dict(codec_node) if isinstance(codec_node, DictConfig) else codec_node
     codec = load_codec(codec_cfg, loaded.codec, device, model.cfg.num_codebooks)
     load_seconds = time.perf_counter() - t0
     log.info("loaded %s (%s) and codec %s in %.2f s on %s", cfg.ckpt, loaded.source, codec.identity,

@@ -75,9 +75,10 @@ def lj_folder(root: Path, n: int, seconds: float = 0.6) -> Path:
     return root
 
 
-def save_tiny(path: Path, *, zero_norm: bool = False) -> Path:
+def save_tiny(path: Path, *, zero_norm: bool = False, codec: str | None = None) -> Path:
     """A checkpoint of the training contract: random heads (so EOS, all 32 codes 0, practically never
-    comes), or zero final norms (all logits 0: greedy picks code 0 everywhere = the EOS frame)."""
+    comes), or zero final norms (all logits 0: greedy picks code 0 everywhere = the EOS frame).
+    ``codec`` records a codec identity as training does (None: an older checkpoint without one)."""
     import torch
 
     from elise.model import build_model
@@ -91,9 +92,13 @@ def save_tiny(path: Path, *, zero_norm: bool = False) -> Path:
             model.backbone.norm.weight.zero_()
             model.decoder.norm.weight.zero_()
     state = {"model." + k: v for k, v in model.state_dict().items()}
-    torch.save(
-        {"state_dict": state, "hyper_parameters": {"model": model.cfg.to_dict(), "tokenizer": "bytes"}}, path
-    )
+    hparams = {"model": model.cfg.to_dict(), "tokenizer": "bytes"}
+    if codec is not None:
+        from elise.codec import codec_identity
+        from elise.config import conf_defaults
+
+        hparams["codec"] = codec_identity(codec, conf_defaults(f"codec/{codec}"))
+    torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     return path
 
 

@@ -121,18 +121,19 @@ def test_model_info_help_and_unknown_key():
 
 
 def test_synthesize_takes_typed_text_and_paths(tmp_path):
-    """End to end: a text starting with a quote and an output path with a comma, parentheses, a quote."""
-    ckpt = save_tiny(tmp_path / "tiny.ckpt")
+    """End to end: a text starting with a quote and an output path with a comma, parentheses, a quote;
+    no codec= given: the checkpoint's recorded one (tiny) is used."""
+    ckpt = save_tiny(tmp_path / "tiny.ckpt", codec="tiny")
     out = tmp_path / "take (2), it's.wav"
     args = [f"ckpt={ckpt}", 'text="Hi," she said.', f"output={out}", "max_audio_seconds=0.16", "seed=1"]
-    cmd = [sys.executable, str(ROOT / "synthesize.py"), "codec=tiny", "device=cpu", *args]
+    cmd = [sys.executable, str(ROOT / "synthesize.py"), "device=cpu", *args]
     done = subprocess.run([*cmd, f"hydra.run.dir={tmp_path}/h"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert sf.info(out).frames > 0 and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("command", ["train", "synthesize"])
-def test_two_runs_in_the_same_second_get_two_run_dirs(command, tmp_path, monkeypatch):
+def test_two_runs_in_the_same_second_get_two_run_dirs(tmp_path, monkeypatch):
+    command = "train"
     monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
     monkeypatch.chdir(tmp_path)
     import hydra.core.utils
@@ -149,3 +150,13 @@ def test_two_runs_in_the_same_second_get_two_run_dirs(command, tmp_path, monkeyp
     assert all(d.is_dir() and not list(d.iterdir()) for d in dirs)
     named = claim_run_dir(command, [f"hydra.run.dir={tmp_path}/mine"])  # the user's own dir: kept
     assert named == [f"hydra.run.dir={tmp_path}/mine"]
+
+
+def test_two_syntheses_in_the_same_second_get_two_output_dirs(tmp_path, monkeypatch):
+    from elise.synthesis import inputs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inputs.time, "strftime", lambda fmt: "2024-01-01_12-00-00")  # one second
+    first, second = (inputs.output_paths(1, None, None)[0].parent for _ in range(2))
+    assert first.name == "2024-01-01_12-00-00" and second.name == "2024-01-01_12-00-00-2"
+    assert first.is_dir() and second.is_dir()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from elise.rundir import claim_dir
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.text import normalize, read_text_file
 
@@ -26,13 +27,8 @@ def collect_texts(text: object, text_file: object) -> list[str]:
 
 
 def default_output_dir() -> Path:
-    """``outputs/synth/<time>`` (a fresh folder: a same-second run gets a ``-2`` suffix)."""
-    base = Path("outputs") / "synth" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    folder, n = base, 1
-    while folder.exists():
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    return folder
+    """A new ``outputs/synth/<time>`` (a same-second run gets ``<time>-2``: ``elise.rundir.claim_dir``)."""
+    return claim_dir(Path("outputs") / "synth" / time.strftime("%Y-%m-%d_%H-%M-%S"))
 
 
 def output_paths(count: int, output: object, output_dir: object, overwrite: bool = False) -> list[Path]:
