@@ -37,11 +37,11 @@ conda:  ## GPU machines: conda env `elise` (CUDA torch, the locked versions, eli
 demo: install  ## train a tiny model on the bundled clips, then synthesize a wav
 	$(BIN)/python -m elise.demo
 
-test: install  ## fast test tier (CPU, offline)
-	$(BIN)/python -m pytest -q -x tests
+test: install  ## fast test tier (CPU, offline), one worker per core
+	$(BIN)/python -m pytest -q -x -n auto tests
 
 test-full: install  ## every test, slow tier included
-	$(BIN)/python -m pytest -q -m "" tests
+	$(BIN)/python -m pytest -q -n auto -m "" tests
 
 lint: install  ## ruff + mypy
 	$(BIN)/ruff check elise tests train.py synthesize.py

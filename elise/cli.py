@@ -335,6 +335,8 @@ def main(command: str, argv: list[str] | None = None) -> Any:
     sys.argv = [sys.argv[0] if sys.argv and sys.argv[0] else prog, *argv]
     os.environ[ARGV_READY] = "1"
     try:
-        return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(elise_task)()
+        return hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base="1.3")(
+            elise_task
+        )()
     finally:
         os.environ.pop(ARGV_READY, None)

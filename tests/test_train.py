@@ -94,7 +94,9 @@ def test_checkpoint_is_plain_data_and_loads_for_synthesis(base_run):
     loaded = load_model(path)
     assert loaded.source == "elise" and loaded.model.cfg.decoder.dim == 16
     # the codec it was trained on is recorded (issue 10.2): synthesis and export default to it
-    assert loaded.codec is not None and loaded.codec["name"] == "tiny" and loaded.codec["weights_sha256"] is None
+    assert (
+        loaded.codec is not None and loaded.codec["name"] == "tiny" and loaded.codec["weights_sha256"] is None
+    )
     assert "seed" in loaded.codec["config"] and "device" not in loaded.codec["config"]
     module = EliseModule.load_from_checkpoint(path, map_location="cpu")
     assert torch.equal(module.model.audio_head, loaded.model.audio_head)
@@ -185,7 +187,12 @@ def test_bf16_mixed_keeps_fp32_master_weights(fast_overrides, tmp_path, caplog):
             seen["params"] = {p.dtype for p in module.parameters()}
             seen["grads"] = {p.grad.dtype for p in module.parameters() if p.grad is not None}
 
-    extra = ["trainer.precision=bf16-mixed", "trainer.max_steps=1", "data.max_samples=2", "callbacks.checkpoint=null"]
+    extra = [
+        "trainer.precision=bf16-mixed",
+        "trainer.max_steps=1",
+        "data.max_samples=2",
+        "callbacks.checkpoint=null",
+    ]
     metrics = run(tmp_path, fast_overrides, extra, callbacks=[Dtypes()])
     assert seen["params"] == {torch.float32} and seen["grads"] == {torch.float32}
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
