@@ -240,8 +240,11 @@ def load_elise_checkpoint(path: str | Path, map_location: str | torch.device = "
 def load_transformers_dir(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
     """A transformers "csm" directory (translated by ``elise.interop``) with its ``elise.json`` record."""
     path = Path(path)
-    model, tokenizer, config, record = read_transformers_dir(path)
-    if tokenizer is None:
+    model, hf_tokenizer, config, record = read_transformers_dir(path)
+    tokenizer: ByteTokenizer | HFTokenizer
+    if hf_tokenizer is not None:
+        tokenizer = hf_tokenizer
+    else:
         if model.cfg.text_vocab_size != ByteTokenizer.vocab_size:
             raise CheckpointError(
                 f"{path} has no tokenizer.json and its text table has {model.cfg.text_vocab_size} ids "

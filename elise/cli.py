@@ -96,7 +96,7 @@ def config_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
     """Every dotted key of ``cfg`` (sections and leaves), ``hydra`` left out."""
     keys = []
     for key in cfg:
-        full = f"{prefix}{key}"
+        full = f"{prefix}{key!s}"
         if full == "hydra":
             continue
         keys.append(full)
@@ -217,9 +217,9 @@ def _leaves(node: Any, prefix: str) -> list[tuple[str, Any]]:
         for key in node:
             child = node._get_node(key)
             if isinstance(child, DictConfig) and not child._is_none() and len(child):
-                out += _leaves(child, f"{prefix}{key}.")
+                out += _leaves(child, f"{prefix}{key!s}.")
             else:
-                out.append((f"{prefix}{key}", child._value() if child is not None else None))
+                out.append((f"{prefix}{key!s}", child._value() if child is not None else None))
         return out
     return [(prefix.rstrip("."), node._value())]
 
@@ -238,7 +238,7 @@ def help_text(config_name: str, prog: str) -> str:
     lines.append("\nkeys:")
     after_keys = len(lines)
     for key in own:
-        for name, value in _leaves(cfg._get_node(key), f"{key}."):
+        for name, value in _leaves(cfg._get_node(key), f"{key!s}."):
             lines.append(_help_line(name, value, comments.get(name, "")))
     if len(lines) == after_keys:
         lines.pop()

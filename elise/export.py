@@ -56,7 +56,7 @@ def export_checkpoint(
 
         mimi = build_codec(trained_on, **dict(codec.get("config") or {}))  # type: ignore[union-attr]
         mimi_config = MimiConfig(**(codec_config or {}))
-        codec_state = mimi_to_transformers(mimi.model.state_dict(), mimi_config)
+        codec_state = mimi_to_transformers(mimi.model.state_dict(), mimi_config)  # type: ignore[union-attr]
         codec_config = mimi_config.to_dict()
     from elise.interop import export_transformers_dir
 

@@ -39,9 +39,10 @@ def preflight(cfg: DictConfig) -> None:
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise UserError(f"optim.lr={lr}: the learning rate must be a number > 0")
     data = cfg.get("data") or {}
-    if data.get("max_samples") is not None and int(data.max_samples) <= 0:
+    max_samples = data.get("max_samples")
+    if max_samples is not None and int(max_samples) <= 0:
         raise UserError(
-            f"data.max_samples={data.max_samples} leaves no data: use null (every item) or a number > 0"
+            f"data.max_samples={max_samples} leaves no data: use null (every item) or a number > 0"
         )
     check_devices(cfg.trainer)
     codec = str((cfg.get("codec") or {}).get("name", ""))

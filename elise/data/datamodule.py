@@ -145,7 +145,7 @@ class EliseDataModule(pl.LightningDataModule):
     def _sampler(self, dataset: CodesDataset, shuffle: bool) -> TokenBudgetBatchSampler:
         """Training (shuffle) with ``data.context.p > 0``: a ``ContextBatchSampler``."""
         replicas, rank = self._world()
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             max_tokens=self.max_tokens,
             max_samples=self.max_samples,
             shuffle=shuffle,
