@@ -34,8 +34,8 @@ conda:  ## GPU machines: conda env `elise` (CUDA torch, the locked versions, eli
 	conda env create -f environment.yml
 	conda run -n elise pip install --no-deps $(MOSHI)
 
-demo: install  ## train a tiny model on the bundled clips, then synthesize a wav
-	$(BIN)/python -m elise.demo
+demo: install  ## train a tiny model on the bundled clips, then synthesize a wav (ARGS="out=<dir> key=value")
+	$(BIN)/python -m elise.demo $(ARGS)
 
 test: install  ## fast test tier (CPU, offline), one worker per core
 	$(BIN)/python -m pytest -q -x -n auto tests
@@ -48,8 +48,8 @@ lint: install  ## ruff + mypy
 	$(BIN)/ruff format --check elise tests train.py synthesize.py
 	$(BIN)/mypy elise
 
-bench: install  ## speed figures (see BENCHMARKS.md)
-	$(BIN)/python -m elise.bench
+bench: install  ## speed figures (see BENCHMARKS.md); make bench ARGS="part=synth quick=true"
+	$(BIN)/python -m elise.bench $(ARGS)
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .cache outputs multirun

@@ -1,7 +1,7 @@
 """One argument style for every command: Hydra ``key=value`` overrides of ``elise/conf/<command>.yaml``.
 
 ``main(command)`` is what ``train.py``, ``synthesize.py`` and ``python -m elise.prepare``,
-``elise.export``, ``elise.report``, ``elise.model`` call. Before Hydra sees the command line:
+``elise.export``, ``elise.report``, ``elise.model``, ``elise.bench`` call. Before Hydra sees the command line:
 
 - ``--help`` prints the command's own keys with the one-line meanings written in the yaml files;
 - free text and path values (``text=``, ``ckpt=``, ``output=``...) are quoted for Hydra's grammar
@@ -294,6 +294,7 @@ COMMANDS = {
     "export": ("export", "elise.export:main", "python -m elise.export"),
     "report": ("report", "elise.report:main", "python -m elise.report"),
     "model_info": ("model_info", "elise.model.__main__:main", "python -m elise.model"),
+    "bench": ("bench", "elise.bench.__main__:main", "python -m elise.bench"),
 }
 
 

@@ -1,14 +1,13 @@
 """``python -m elise.demo``: train the tiny model on the bundled clips (experiment=demo), write the
 report, then synthesize a sentence from the final checkpoint. Offline, a few minutes on 2 CPU cores.
 
-Extra ``key=value`` arguments are Hydra overrides of the training config
-(e.g. ``python -m elise.demo trainer.max_steps=50``).
+``out=<dir>`` names the run dir (default ``demo_out/<time>``, must be new or empty); every other
+``key=value`` is an override of the training config, checked like ``python train.py`` checks it
+(e.g. ``python -m elise.demo out=demo_out/short trainer.max_steps=50``).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import sys
 import time
 from datetime import datetime
@@ -17,14 +16,46 @@ from pathlib import Path
 SENTENCE = "Hello from the elise demo."
 
 
+HELP = """usage: python -m elise.demo [out=<dir>] [key=value ...]
+  Train the tiny model on the bundled clips (experiment=demo), write the report, synthesize a sentence.
+
+keys:
+  out=null                                 run dir (null: demo_out/<time>); must be new or empty
+
+Every other key=value is a key of the training config: see python train.py --help."""
+
+
+def demo_args(argv: list[str]) -> tuple[Path, list[str]]:
+    """(run dir, training overrides) from ``argv``; the overrides are checked against the training
+    config with ``experiment=demo`` (a misspelled key is one line, exit 2)."""
+    from elise.cli import aliased_args, check_overrides, verbatim_args
+    from elise.errors import exit_with
+
+    out = None
+    overrides = []
+    for arg in argv:
+        if arg.startswith("out="):
+            out = arg.removeprefix("out=")
+        else:
+            overrides.append(arg)
+    if out in ("", "null"):
+        out = None
+    overrides = verbatim_args(aliased_args("train", overrides))
+    check_overrides("train", ["experiment=demo", *overrides])
+    run_dir = Path(out or f"demo_out/{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        exit_with(f"out={run_dir} is not empty; pick a fresh out=<dir>")
+    return run_dir, overrides
+
+
 def train_demo(run_dir: Path, overrides: list[str]) -> tuple[Path, dict[str, float], float]:
     """Train ``experiment=demo`` into ``run_dir``; returns (final checkpoint, metrics, seconds)."""
+    from elise.cli import quote_verbatim
     from elise.config import compose
     from elise.train import train
 
-    cfg = compose(
-        "train", ["experiment=demo", f"hydra.run.dir={run_dir}", *overrides], return_hydra_config=True
-    )
+    run_dir_arg = f"hydra.run.dir={quote_verbatim(str(run_dir))}"
+    cfg = compose("train", ["experiment=demo", run_dir_arg, *overrides], return_hydra_config=True)
     start = time.perf_counter()
     metrics = train(cfg)
     seconds = time.perf_counter() - start
@@ -32,22 +63,14 @@ def train_demo(run_dir: Path, overrides: list[str]) -> tuple[Path, dict[str, flo
     return ckpt, metrics, seconds
 
 
-def synthesize_demo(ckpt: Path, out: Path) -> Path | None:
-    """Synthesize ``SENTENCE`` with ``elise.synthesize.run`` when that module exists."""
-    if importlib.util.find_spec("elise.synthesize") is None:
-        return None
-    import elise.synthesize as synth
-
-    if not hasattr(synth, "run"):
-        return None
+def synthesize_demo(ckpt: Path, out: Path) -> Path:
+    """Synthesize ``SENTENCE`` from ``ckpt`` with the codec it was trained on (tiny: noise, not speech)."""
+    from elise.cli import verbatim_args
     from elise.config import compose
+    from elise.synthesize import run
 
-    cfg = compose(
-        "synthesize",
-        [f"ckpt={ckpt}", f"text={SENTENCE}", f"output={out}", "codec=tiny", "seed=0", "device=cpu"],
-        return_hydra_config=False,
-    )
-    synth.run(cfg)
+    args = verbatim_args([f"ckpt={ckpt}", f"text={SENTENCE}", f"output={out}", "seed=0", "device=cpu"])
+    run(compose("synthesize", args, return_hydra_config=False))
     return out
 
 
@@ -59,21 +82,18 @@ def first_last(run_dir: Path, key: str = "train/loss") -> tuple[float, float] | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m elise.demo", description=__doc__)
-    parser.add_argument("--out", default=None, help="run dir (default: demo_out/<time>)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides of the training config")
-    args = parser.parse_args(argv)
-    run_dir = Path(args.out or f"demo_out/{datetime.now():%Y-%m-%d_%H-%M-%S}").resolve()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        print(f"error: {run_dir} is not empty; pick a fresh --out", file=sys.stderr)
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(HELP)
+        return 0
+    run_dir, overrides = demo_args(argv)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     from elise.errors import one_line
     from elise.train import user_error_types
 
     try:
-        ckpt, _, seconds = train_demo(run_dir, args.overrides)
+        ckpt, _, seconds = train_demo(run_dir, overrides)
     except user_error_types() as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -93,10 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metrics:    {run_dir / 'metrics.csv'}")
     print(f"report:     {report}")
     print(f"samples:    {run_dir / 'samples'}")
-    if wav is not None:
-        print(f"synthesized '{SENTENCE}' -> {wav}  (tiny codec: a smoke test, not speech)")
-    else:
-        print("elise.synthesize is not available: skipped synthesis")
+    print(f"synthesized '{SENTENCE}' -> {wav}  (tiny codec: a smoke test, not speech)")
     return 0
 
 

@@ -152,9 +152,9 @@ def test_bench_train_tiny_same_loss_as_transformers():
 def test_gpu_part_skips_cleanly_without_cuda(capsys, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("has CUDA")
-    from elise.bench.__main__ import main
+    from elise.cli import main
 
-    assert main(["gpu", "--out", str(tmp_path / "r.json")]) == 0
+    main("bench", ["part=gpu", f"out={tmp_path / 'r.json'}"])
     assert "no CUDA device on this machine" in capsys.readouterr().out
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["gpu"]["skipped"].startswith("no CUDA") and saved["machine"]["cores"] >= 1

@@ -1,4 +1,5 @@
-"""``python -m elise.bench [synth|train|data|gpu|all] [--quick] [--threads N] [--out PATH]``.
+"""``python -m elise.bench [part=all|synth|train|data|gpu] [quick=true] [threads=N] [out=PATH]``
+(keys: ``elise/conf/bench.yaml``, run through ``elise.cli``).
 
 Prints a table per part and merges the figures into ``outputs/bench/bench_results.json``
 (see BENCHMARKS.md for what each figure means and the targets).
@@ -6,7 +7,6 @@ Prints a table per part and merges the figures into ``outputs/bench/bench_result
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -14,7 +14,10 @@ import time
 import warnings
 from pathlib import Path
 
-from elise.bench.common import RESULTS, machine_info, set_threads, table, write_json
+from omegaconf import DictConfig
+
+from elise.bench.common import machine_info, set_threads, table, write_json
+from elise.errors import exit_with
 
 PARTS = ("synth", "train", "data", "gpu")
 
@@ -69,30 +72,40 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
     return res, res.get("skipped") or str(res)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elise.bench", description=__doc__.splitlines()[0])
-    p.add_argument("part", nargs="?", default="all", choices=(*PARTS, "all"))
-    p.add_argument("--quick", action="store_true", help="fewer frames, rows and repetitions")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
-    args = p.parse_args(argv)
+def bench_args(cfg: DictConfig) -> tuple[tuple[str, ...], bool, int, Path]:
+    """(parts, quick, threads, out) from the composed ``bench`` config; a wrong value is one line, exit 2."""
+    if cfg.part not in (*PARTS, "all"):
+        exit_with(f"part={cfg.part}: no such part; choose one of: all, {', '.join(PARTS)}")
+    if not isinstance(cfg.quick, bool):
+        exit_with(f"quick={cfg.quick}: write quick=true or quick=false")
+    if isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int) or cfg.threads < 1:
+        exit_with(f"threads={cfg.threads}: a whole number of CPU threads, 1 or more")
+    parts = PARTS if cfg.part == "all" else (str(cfg.part),)
+    return parts, cfg.quick, cfg.threads, Path(str(cfg.out))
+
+
+def main(cfg: DictConfig) -> int:
+    """Run the parts ``cfg`` names (``elise/conf/bench.yaml``), printing a table for each."""
+    parts, quick, threads, out = bench_args(cfg)
     quiet()
-    set_threads(args.threads)
-    parts = PARTS if args.part == "all" else (args.part,)
-    results: dict = {"machine": machine_info(), "command": " ".join(["python -m elise.bench", *sys.argv[1:]])}
+    set_threads(threads)
+    typed = [a for a in sys.argv[1:] if not a.startswith("hydra.")]
+    results: dict = {"machine": machine_info(), "command": " ".join(["python -m elise.bench", *typed])}
     start = time.perf_counter()
     for part in parts:
         t0 = time.perf_counter()
-        res, text = run_part(part, args.quick)
+        res, text = run_part(part, quick)
         res["wall_s"] = time.perf_counter() - t0
         results[part] = res
         print(f"\n## {part} ({res['wall_s']:.0f} s)\n{text}", flush=True)
-        write_json(results, args.out)
+        write_json(results, out)
     m = results["machine"]
-    print(f"\n{m['cpu']}, {m['cores']} cores, {args.threads} threads, torch {m['torch']}, load {m['loadavg_1m']}; "
-          f"{time.perf_counter() - start:.0f} s; figures in {args.out}")  # fmt: skip
+    print(f"\n{m['cpu']}, {m['cores']} cores, {threads} threads, torch {m['torch']}, load {m['loadavg_1m']}; "
+          f"{time.perf_counter() - start:.0f} s; figures in {out}")  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from elise.cli import main as cli_main
+
+    cli_main("bench")
