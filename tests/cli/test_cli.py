@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from elise.cli import COMMANDS, VERBATIM_KEYS, check_overrides, claim_run_dir, help_text, verbatim_args
 from tests.conftest import save_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AWKWARD = list("\\'\"${}[](),=:;# ~*?%@|`!\t") + ["${x}", "\\${", "é", "日本", "null", " "]
 # any unicode text, and text built from the characters Hydra's and OmegaConf's grammars care about
 typed = st.text() | st.lists(st.sampled_from(AWKWARD) | st.text(max_size=3), max_size=12).map("".join)

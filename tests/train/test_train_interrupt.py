@@ -20,7 +20,7 @@ from elise.config import compose
 from elise.preflight import UserError, preflight
 from elise.train import ctrl_c_stops_at_step_end, train, warn_longer_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_cmd(tmp: Path, code_cache: Path, *args: str) -> list[str]:

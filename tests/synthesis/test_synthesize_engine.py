@@ -24,7 +24,7 @@ from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt
 from tests.conftest import save_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["Hello there, how are you today?", "The weather is lovely this morning.", "Good night."]
 FRAMES = [22, 25, 10]  # the "training clips" (random codes) of TEXTS
 

@@ -12,7 +12,7 @@ import soundfile as sf
 
 from tests.conftest import save_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def start(tmp: Path, *args: str) -> subprocess.Popen:

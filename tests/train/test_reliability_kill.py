@@ -20,7 +20,7 @@ import soundfile as sf
 import torch
 from conftest import checkpointing_run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 
 # A callback that parks the process after step N (a deterministic point to kill it at): it writes

@@ -83,7 +83,7 @@ def greedy(model, frames=6):
 
 @torch.no_grad()
 def test_prepare_model_int8_keeps_fp32_weights():
-    """int8 accuracy and kernel use: tests/test_quant.py."""
+    """int8 accuracy and kernel use: tests/model/test_quant.py."""
     model = prepare_model(tiny(), torch.float32, quantize="int8")
     assert "qkv" in model.backbone.layers[0].self_attn.fast and "audio_head" in model.fast
     assert model.backbone.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # fp32 kept for training

@@ -21,7 +21,7 @@ from elise.data.prepare import BadItem, assign_splits, prepare
 from elise.text import ByteTokenizer, HFTokenizer, encode_prompt
 from tests.conftest import lj_folder, tone
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Interrupted(Exception):

@@ -1,5 +1,5 @@
 """Golden numerics of a seeded tiny elise model: any change to init, layout, blocks, loss or
-sampling shows up here. Regenerate deliberately with ``ELISE_UPDATE_GOLDEN=1 pytest tests/test_golden.py``."""
+sampling shows up here. Regenerate deliberately with ``ELISE_UPDATE_GOLDEN=1 pytest tests/model/test_golden.py``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from elise.model import build_model
 from elise.model.loss import csm_loss
 from elise.text import ByteTokenizer, encode_prompt
 
-GOLDEN = Path(__file__).parent / "data" / "golden_tiny.json"
+GOLDEN = Path(__file__).parents[1] / "assets" / "golden_tiny.json"
 
 
 def compute() -> dict:

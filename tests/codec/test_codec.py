@@ -15,7 +15,7 @@ from elise.codec import CodecUnavailable, build_codec
 from elise.codec import mimi as mimi_mod
 from elise.codec.tiny import TinyCodec
 
-CONF = Path(__file__).resolve().parents[1] / "elise" / "conf" / "codec"
+CONF = Path(__file__).resolve().parents[2] / "elise" / "conf" / "codec"
 SPF = 1920
 REPO = "kyutai/moshiko-pytorch-bf16"
 MIMI_NAME = "tokenizer-e351c8d8-checkpoint125.safetensors"

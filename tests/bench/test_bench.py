@@ -73,7 +73,7 @@ def test_int8_matmul_close_to_fp32():
 
 def test_quantize_int8_close_logits_and_can_be_undone():
     """Random weights have near-tied logits, so int8 greedy codes drift apart after a few codes; the
-    accuracy on a trained model is tests/test_quant.py's. Here: close logits, a measured code overlap."""
+    accuracy on a trained model is tests/model/test_quant.py's. Here: close logits, a measured code overlap."""
     model = random_model("tiny", seed=1)
     codes = greedy(model, 4)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
