@@ -303,11 +303,11 @@ def summary(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path, metrics: dict[s
         f"run dir: {run_dir}",
     ]
     if ckpt:
-        codec = OmegaConf.select(cfg, "codec.name") or "mimi"
         lines += [
             f"checkpoint: {ckpt}",
             f"continue: {resume_command(run_dir, ckpt, 'trainer.max_steps=<more>')}",
-            f"synthesize: python synthesize.py ckpt={shlex.quote(ckpt)} codec={codec} text='Hello there.'",
+            # no codec=: synthesis uses the codec this checkpoint records
+            f"synthesize: python synthesize.py ckpt={shlex.quote(ckpt)} text='Hello there.'",
         ]
     return "\n".join(lines)
 

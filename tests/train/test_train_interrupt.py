@@ -32,11 +32,15 @@ def train_cmd(tmp: Path, code_cache: Path, *args: str) -> list[str]:
 
 def test_first_ctrl_c_stops_at_the_step_end_second_aborts():
     trainer = SimpleNamespace(_signal_connector=SimpleNamespace(received_sigterm=False))
-    with ctrl_c_stops_at_step_end(trainer):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)
-        assert trainer._signal_connector.received_sigterm and trainer._elise_ctrl_c
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # xdist workers ignore SIGINT
+    try:
+        with ctrl_c_stops_at_step_end(trainer):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert trainer._signal_connector.received_sigterm and trainer._elise_ctrl_c
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.slow
@@ -122,7 +126,7 @@ def test_demo_run_console_ends_with_a_summary(tmp_path, code_cache):
     assert "trained 2 steps (trainer.max_steps=2); " in out and "train/loss " in out
     run = tmp_path / "run"
     assert f"checkpoint: {run / 'checkpoints' / 'last.ckpt'}" in out
-    assert f"synthesize: python synthesize.py ckpt={run / 'checkpoints' / 'last.ckpt'} codec=tiny" in out
+    assert f"synthesize: python synthesize.py ckpt={run / 'checkpoints' / 'last.ckpt'} text=" in out
     assert "continue: python train.py experiment=demo" in out
     assert "step (epoch 0): 100%|" in out and "| 2/2 [" in out  # global step out of max_steps
     for noise in ("litlogger", "LeafSpec", "exists and is not empty", "Traceback"):
