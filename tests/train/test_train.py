@@ -284,3 +284,25 @@ def test_elise_experiments_run_with_tiny_overrides(experiment, base_run, code_ca
     else:
         assert hp["loss"]["decoder_fraction"] == 1.0 and hp["freeze_backbone"] is True
         assert hp["model"]["backbone"]["dim"] == 32  # init_from's architecture, not model=tiny
+
+
+def test_speaker_names_of_the_data_reach_the_checkpoint_and_synthesis(fast_overrides, tmp_path):
+    """LJSpeech with a speaker column -> train -> the checkpoint's map -> ``speaker=<name>`` resolves."""
+    from conftest import lj_folder
+
+    from elise.checkpoints import load_model
+    from elise.synthesis.engine import resolve_speaker
+
+    root = lj_folder(tmp_path / "lj", 6)
+    names = ["alice", "bob", "alice", "bob", "carol", "alice"]
+    (root / "metadata.csv").write_text(
+        "".join(f"c{i:02d}|{name}|Clip number {i}.\n" for i, name in enumerate(names)), encoding="utf-8"
+    )
+    data = ["data=ljspeech", f"data.root={root}", "data.val_count=1", "callbacks.audio_samples=null"]
+    run(tmp_path / "run", [*fast_overrides, *data], ["trainer.max_steps=1", "trainer.val_check_interval=1"])
+    loaded = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert sorted(loaded.speakers) == ["alice", "bob", "carol"]
+    assert len(set(loaded.speakers.values())) == 3
+    assert resolve_speaker("bob", loaded.speakers) == loaded.speakers["bob"]
+    with pytest.raises(Exception, match="dave"):
+        resolve_speaker("dave", loaded.speakers)
