@@ -76,7 +76,11 @@ class FrameGenerator:
 
     def __init__(self, model: CSM, batch_size: int, max_len: int, sampling: SamplingConfig, generator=None):
         p = next(model.parameters())
+        if isinstance(generator, list) and len(generator) == 1:
+            generator = generator[0]  # one item: its generator draws for the whole (1-row) batch
         self.model, self.sampling, self.generator = model, sampling, generator
+        self.depth_sampling = sampling.depth()  # codebooks 1..31
+        self.offsets = model.audio_offsets.tolist()  # python ints: no per-step tensor indexing
         self.backbone_cache = model.backbone.make_cache(batch_size, max_len, p.dtype, p.device)
         self.decoder_cache = model.decoder.make_cache(batch_size, NUM_CODEBOOKS, p.dtype, p.device)
         self.device = p.device
@@ -125,13 +129,14 @@ class FrameGenerator:
         """
         m, cache = self.model, self.decoder_cache
         logits0 = m.codebook0_logits(h)[:, :CODEBOOK_SIZE].float()  # [B, 2048]
-        allow = torch.ones(h.shape[0], dtype=torch.bool, device=h.device) if allow_eos is None else allow_eos
-        ends = None
+        ends = None  # [B] items whose frame is EOS (sampled: decided on the argmax)
         if not self.sampling.greedy:
-            ends = (logits0.argmax(-1) == EOS_CODE) & allow.to(h.device)  # [B]
-            allow = torch.zeros_like(allow)  # codebook 0 of a speech frame is sampled without EOS
-        if not bool(allow.all()):
-            logits0[:, EOS_CODE] = torch.where(allow.to(h.device), logits0[:, EOS_CODE], float("-inf"))
+            ends = logits0.argmax(-1) == EOS_CODE
+            if allow_eos is not None:
+                ends &= allow_eos
+            logits0[:, EOS_CODE] = float("-inf")  # codebook 0 of a speech frame is sampled without EOS
+        elif allow_eos is not None:
+            logits0[:, EOS_CODE].masked_fill_(~allow_eos, float("-inf"))
         c0 = sample_logits(logits0, self.sampling, self.generator)  # [B]
         if ends is not None:
             c0 = torch.where(ends, EOS_CODE, c0)
@@ -140,8 +145,7 @@ class FrameGenerator:
         out = m.decoder(m.project(x), cache=cache)[:, -1]  # [B, Dd]
         codes = torch.empty(h.shape[0], NUM_CODEBOOKS, dtype=torch.long, device=h.device)  # [B, 32]
         codes[:, 0] = c0
-        offsets = m.audio_offsets.tolist()  # python ints: no per-step tensor indexing
-        depth = self.sampling.depth()
+        offsets, depth = self.offsets, self.depth_sampling
         for k in range(1, NUM_CODEBOOKS):
             c = sample_logits(m.codebook_logits(out, k), depth, self.generator)  # [B]
             codes[:, k] = c
@@ -149,7 +153,7 @@ class FrameGenerator:
                 e = m.audio_embeddings(c + offsets[k])  # [B, Db]
                 out = m.decoder(m.project(e[:, None]), cache=cache)[:, -1]  # [B, Dd]
         if ends is not None:
-            codes[ends] = EOS_CODE  # the EOS frame
+            codes.masked_fill_(ends[:, None], EOS_CODE)  # the EOS frame
         return codes
 
     def advance(self, codes: Tensor) -> None:
@@ -195,11 +199,11 @@ def generate(
     gen.prefill(tokens.to(gen.device), mask.to(gen.device), pads)
     lengths = torch.full((b,), -1, dtype=torch.long)
     frames = []
+    floors_dev, floor_max = floors.to(gen.device), int(floors.max())
     for f in range(total):
-        allow = (floors <= f).to(gen.device) if bool((floors > f).any()) else None
-        codes = gen.decode_frame(gen.hidden, allow)  # [B, 32]
+        codes = gen.decode_frame(gen.hidden, floors_dev <= f if f < floor_max else None)  # [B, 32]
         frames.append(codes.cpu())
-        eos = (codes == EOS_CODE).all(-1).cpu() if stop_on_eos else torch.zeros(b, dtype=torch.bool)
+        eos = (frames[-1] == EOS_CODE).all(-1) if stop_on_eos else torch.zeros(b, dtype=torch.bool)
         newly = (lengths < 0) & (eos | (f + 1 >= limits))
         lengths[newly & eos] = f
         lengths[newly & ~eos] = f + 1

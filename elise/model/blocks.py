@@ -165,17 +165,18 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
-            assert slots is not None and attn_mask is not None, "a cached attention needs slots and a mask"
+            assert slots is not None, "a cached attention needs the slots it writes"
             kv[0].index_copy_(2, slots, k)
             kv[1].index_copy_(2, slots, v)
             k, v = kv  # [B, KV, keys, hd]
-        # no shape-dependent flag: is_causal only for the uncached, unmasked (training) pass
+        # no shape-dependent flag: is_causal only for the uncached, unmasked (training) pass; a cached
+        # pass without a mask sees every key it is given (one row after the written slots)
         o = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=attn_mask,
-            is_causal=attn_mask is None,
+            is_causal=kv is None and attn_mask is None,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )  # [B, H, S, hd]
         o = o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim)  # [B, S, H*hd]
@@ -291,10 +292,10 @@ class Transformer(nn.Module):
         return cos, sin
 
     def step(
-        self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor
+        self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor | None
     ) -> Tensor:
         """The cached pass over tensors only: x [B, S, dim]; k, v [layers, B, KV, keys, hd] (written at
-        ``slots`` [S]); mask bool [B or 1, 1, S, keys] -> hidden [B, S, dim]."""
+        ``slots`` [S]); mask bool [B or 1, 1, S, keys] (None: every key) -> hidden [B, S, dim]."""
         for block, k_layer, v_layer in zip(self.blocks(), k.unbind(0), v.unbind(0), strict=True):
             x = block(x, cos, sin, (k_layer, v_layer), slots, mask)
         return self.norm(x)
@@ -316,12 +317,18 @@ class Transformer(nn.Module):
                 x = block(x, cos, sin, None, None, attn_mask)
             return self.norm(x)
         slots = cache.next_slots(s)  # [S]
-        mask = cache_mask(slots, cache.max_len, attn_mask)  # [B or 1, 1, S, max_len]
+        end = cache.pos + s
         if self.compiled_step is not None and s <= MAX_COMPILED_ROWS:
             # every slot (static shapes); a copy: CUDA graphs reuse their output buffer
+            mask = cache_mask(slots, cache.max_len, attn_mask)  # [B or 1, 1, S, max_len]
             h = self.compiled_step(x, cos, sin, cache.k, cache.v, slots, mask).clone()
         else:  # eager: only the slots written so far
-            end = cache.pos + s
-            h = self.step(x, cos, sin, cache.k[..., :end, :], cache.v[..., :end, :], slots, mask[..., :end])
+            # one unmasked row sees every written slot: no mask to build (the depth decoder's 31 steps)
+            keys = (
+                None
+                if s == 1 and attn_mask is None
+                else cache_mask(slots, cache.max_len, attn_mask)[..., :end]
+            )
+            h = self.step(x, cos, sin, cache.k[..., :end, :], cache.v[..., :end, :], slots, keys)
         cache.pos += s
         return h
