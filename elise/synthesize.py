@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from elise.config import to_dict
-from elise.data.audio import WavWriter
+from elise.data.audio import WavWriter, write_wav
 from elise.synthesis.engine import Request, Result, Settings, Synthesizer, resolve_speaker
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.inputs import check_writable, collect_texts, output_paths
@@ -98,7 +98,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     paths = output_paths(len(texts), cfg.output, cfg.output_dir, bool(cfg.get("overwrite", False)))
     if cfg.metrics_out:
         check_writable(Path(str(cfg.metrics_out)))
-    check_references(
+    clips = check_references(  # read and checked before any model loads; encoded once the codec is there
         cfg.reference_audio, cfg.reference_text, _number(cfg, "reference_max_seconds", float, 0.0)
     )
     if cfg.threads:
@@ -106,8 +106,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if not cfg.output and not cfg.output_dir:
-        paths[0].parent.mkdir(parents=True, exist_ok=True)
-        _log_to(paths[0].parent)
+        _log_to(paths[0].parent)  # the new outputs/synth/<time> (claimed by output_paths)
 
     t0 = time.perf_counter()
     loaded = load(cfg.ckpt, device)
@@ -123,13 +122,15 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         log.warning("codec %s has RANDOM weights: the audio it decodes is noise, not speech", codec.identity)
 
     synth = Synthesizer(model, loaded.tokenizer, codec, settings, loaded.speakers)
-    synth.set_voice(cfg.reference_audio, cfg.reference_text, cfg.reference_max_seconds)
+    synth.set_voice(cfg.reference_audio, cfg.reference_text, cfg.reference_max_seconds, clips)
     if synth.context:
         log.info("voice prompt: %d clip(s), %d frames", len(synth.context),
                  sum(s.codes.shape[1] for s in synth.context))  # fmt: skip
     log.info("seed %d, %d utterance(s)", settings.seed, len(texts))
 
+    t1 = time.perf_counter()
     results = _generate(synth, [Request(t) for t in texts], paths, bool(cfg.stream))
+    wall = time.perf_counter() - t1
     metrics = []
     for i, (text, path, result) in enumerate(zip(texts, paths, results, strict=True)):
         m = {"index": i + 1, "path": str(path), "text": text, **result.metrics}
@@ -143,8 +144,6 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.metrics_out:
         _write_json(Path(str(cfg.metrics_out)), metrics)
     audio = sum(m["audio_seconds"] for m in metrics)
-    # each batch's generation time once (its first utterance carries it)
-    wall = sum(m["generation_seconds"] for m in metrics if (m["index"] - 1) % settings.batch_size == 0)
     rtf = f"RTF {wall / audio:.3f}" if audio > 0 else "no audio"
     log.info("done: %d file(s), %.2f s of audio in %.2f s (%s), in %s", len(metrics), audio, wall, rtf,
              paths[0].parent)  # fmt: skip
@@ -157,8 +156,7 @@ def _generate(synth: Synthesizer, requests: list[Request], paths: list[Path], st
         if not stream:
             results = synth.synthesize(requests)
             for path, result in zip(paths, results, strict=True):
-                with WavWriter(path, result.sample_rate) as w:
-                    w.append(result.audio.numpy())
+                write_wav(path, result.audio.numpy(), result.sample_rate)
             return results
         writers: dict[int, WavWriter] = {}
         try:
@@ -193,7 +191,6 @@ def main(cfg: DictConfig) -> None:
     from elise.checkpoints import CheckpointError
     from elise.codec import CodecUnavailable
     from elise.errors import exit_with
-    from elise.synthesis.errors import SynthesisError
 
     try:
         run(cfg)

@@ -158,10 +158,13 @@ class Synthesizer:
         """A speaker name -> its id from the checkpoint's map; unknown names and ids are errors."""
         return resolve_speaker(speaker, self.speakers)
 
-    def set_voice(self, audio: object, texts: object, max_seconds: float | None = 30.0) -> None:
-        """Voice prompt: reference clip(s) and their transcripts (None, None: none)."""
+    def set_voice(
+        self, audio: object, texts: object, max_seconds: float | None = 30.0, clips: list | None = None
+    ) -> None:
+        """Voice prompt: reference clip(s) and their transcripts (None, None: none); ``clips`` as
+        ``load_references`` takes them (already read by the caller)."""
         speaker = self.speaker_id(self.settings.speaker)
-        self.context = load_references(audio, texts, speaker, self.codec, max_seconds)
+        self.context = load_references(audio, texts, speaker, self.codec, max_seconds, clips)
 
     def pieces(self, request: Request) -> list[str]:
         s = self.settings

@@ -96,11 +96,19 @@ def check_references(
 
 
 def load_references(
-    audio: object, texts: object, speaker: int | str, codec: Codec, max_seconds: float | None = 30.0
+    audio: object,
+    texts: object,
+    speaker: int | str,
+    codec: Codec,
+    max_seconds: float | None = 30.0,
+    clips: list[tuple[str, str, np.ndarray]] | None = None,
 ) -> list[Segment]:
-    """Check, read and encode voice-prompt clips (any format soundfile reads, any rate or channel count)."""
+    """Check, read and encode voice-prompt clips (any format soundfile reads, any rate or channel count).
+    ``clips``: ``check_references``' output at ``TARGET_SR`` when the caller read them already."""
+    if clips is None or codec.sample_rate != TARGET_SR:
+        clips = check_references(audio, texts, max_seconds, codec.sample_rate)
     segments = []
-    for _path, transcript, wav in check_references(audio, texts, max_seconds, codec.sample_rate):
+    for _path, transcript, wav in clips:
         x = torch.from_numpy(wav).to(torch.float32)[None, None]  # [1, 1, N]
         codes, frames = codec.encode(x)  # [1, 32, T], [1]
         segments.append(Segment(transcript, speaker, codes[0, :, : int(frames[0])].cpu().long()))
