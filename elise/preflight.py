@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from elise.config import trainer_precision
 
 SEED_MAX = 2**32 - 1  # numpy's seed range, which Lightning's seed_everything uses
 NEEDS = {"mimi": "moshi", "mimi_random": "moshi"}  # codec name -> the package that runs it
@@ -32,6 +34,18 @@ def require(package: str, why: str) -> None:
 
 def preflight(cfg: DictConfig) -> None:
     """Refuse settings that cannot train (``UserError``), before data, codec or model load."""
+    if OmegaConf.is_missing(cfg, "init_from") or (cfg.get("require_init_from") and not cfg.get("init_from")):
+        raise UserError(
+            "this experiment fine-tunes existing weights: pass init_from=<transformers dir or elise .ckpt>"
+        )
+    if int(cfg.trainer.get("max_steps", -1)) <= 0 and not cfg.trainer.get("fast_dev_run"):
+        raise UserError("trainer.max_steps must be > 0 (it is also the length of the cosine schedule)")
+    if cfg.get("precision") is not None:
+        raise UserError(f"precision= moved into the trainer group: write trainer.precision={cfg.precision}")
+    try:
+        trainer_precision(cfg.trainer.get("precision"))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= SEED_MAX:
         raise UserError(f"seed={seed}: use an integer from 0 to {SEED_MAX}")
@@ -65,10 +79,17 @@ def check_devices(trainer: DictConfig) -> None:
         raise UserError(
             f"trainer.accelerator={accelerator} but no GPU is visible to torch: use trainer=cpu (or trainer.accelerator=cpu)"
         )
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     devices = trainer.get("devices", 1)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if on_cpu and isinstance(devices, int) and devices > cpus:
+    if on_cpu(trainer) and isinstance(devices, int) and devices > cpus:
         raise UserError(
             f"trainer.devices={devices} would start {devices} training processes on {cpus} CPUs: use trainer.devices<={cpus}"
         )
+
+
+def on_cpu(trainer: DictConfig) -> bool:
+    """Whether ``trainer`` runs on the CPU (``accelerator`` cpu, or auto without a GPU)."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())

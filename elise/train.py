@@ -33,7 +33,7 @@ from elise.checkpoints import AtomicCheckpointIO, inspect_checkpoint, resolve_ck
 from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
-from elise.preflight import UserError, preflight
+from elise.preflight import UserError, on_cpu, preflight
 from elise.progress import StepProgressBar
 
 log = logging.getLogger("elise.train")
@@ -71,24 +71,12 @@ def _container(node: Any) -> Any:
 
 
 def check_config(cfg: DictConfig) -> None:
+    """``preflight`` (the CLI ran it already, before the run dir; Python callers get it here), then
+    ``trainer.precision`` in Lightning's spelling."""
     preflight(cfg)
-    if OmegaConf.is_missing(cfg, "init_from") or (cfg.get("require_init_from") and not cfg.get("init_from")):
-        raise UserError(
-            "this experiment fine-tunes existing weights: pass init_from=<transformers dir or elise .ckpt>"
-        )
-    if int(cfg.trainer.get("max_steps", -1)) <= 0 and not cfg.trainer.get("fast_dev_run"):
-        raise UserError("trainer.max_steps must be > 0 (it is also the length of the cosine schedule)")
-    if cfg.get("precision") is not None:
-        raise UserError(f"precision= moved into the trainer group: write trainer.precision={cfg.precision}")
-    try:
-        precision = trainer_precision(cfg.trainer.get("precision"))
-    except ValueError as err:
-        raise UserError(str(err)) from None
     with open_dict(cfg):
-        cfg.trainer.precision = precision
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and cfg.trainer.precision.startswith("bf16"):
+        cfg.trainer.precision = trainer_precision(cfg.trainer.get("precision"))
+    if on_cpu(cfg.trainer) and cfg.trainer.precision.startswith("bf16"):
         log.warning(
             "trainer.precision=%s on a CPU is 30-100x slower than fp32: use trainer.precision=32-true here",
             cfg.trainer.precision,

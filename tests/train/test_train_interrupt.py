@@ -88,13 +88,21 @@ def test_preflight_needs_a_gpu_and_the_packages(monkeypatch):
         preflight(check_overrides("train", ["codec=tiny", f"init_from={ROOT / 'elise'}"]))
 
 
-def test_wrong_setting_exits_2_and_leaves_no_run_dir(tmp_path):
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        ("optim.lr=-1", "error: optim.lr=-1: the learning rate must be a number > 0"),
+        (
+            "trainer.max_steps=0",
+            "error: trainer.max_steps must be > 0 (it is also the length of the cosine schedule)",
+        ),
+    ],
+)
+def test_wrong_setting_exits_2_and_leaves_no_run_dir(tmp_path, arg, message):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "optim.lr=-1"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, str(ROOT / "train.py"), arg], cwd=tmp_path, capture_output=True, text=True
     )
-    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "error: optim.lr=-1: the learning rate must be a number > 0"
-    ]
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [message]
     assert list(tmp_path.iterdir()) == []  # no outputs/train/runs/<time> left behind
 
 
