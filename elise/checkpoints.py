@@ -224,8 +224,8 @@ def load_elise_checkpoint(path: str | Path, map_location: str | torch.device = "
             f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     meta = {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "hyper_parameters": hp}
-    codec = hp.get("codec") or ckpt.get("elise_codec")
-    speakers = hp.get("speakers") or ckpt.get("elise_speakers") or {}
+    codec = hp.get("codec")
+    speakers = hp.get("speakers") or {}
     tokenizer = tokenizer_from_checkpoint(ckpt)
     return Loaded(
         model.to(map_location).eval(),

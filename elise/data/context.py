@@ -56,10 +56,14 @@ class ContextSettings:
             raise ContextError(
                 f"unknown data.context key(s) {sorted(unknown)}; use p, max_segments, max_rows, loss_on"
             )
-        p = float(cfg.get("p") or 0.0)
-        k = int(cfg.get("max_segments") or 2)
-        max_rows = int(cfg.get("max_rows") or max_tokens)
-        loss_on = str(cfg.get("loss_on") or "last")
+        def given(key: str, default: Any) -> Any:  # an explicit 0 is a value to check, not "unset"
+            value = cfg.get(key)
+            return default if value is None else value
+
+        p = float(given("p", 0.0))
+        k = int(given("max_segments", 2))
+        max_rows = int(given("max_rows", max_tokens))
+        loss_on = str(given("loss_on", "last"))
         if not 0.0 <= p <= 1.0:
             raise ContextError(f"data.context.p={p} must be a probability in [0, 1]")
         if k < 1:

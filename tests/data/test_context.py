@@ -177,6 +177,7 @@ def test_context_that_can_never_fit_is_a_one_line_error(tmp_path: Path) -> None:
     for cfg, setting in [
         ({"p": 1.5}, "data.context.p"),
         ({"max_segments": -1}, "data.context.max_segments"),
+        ({"max_segments": 0}, "data.context.max_segments=0"),  # an explicit 0 is checked, not read as unset
         ({"loss_on": "first"}, "data.context.loss_on"),
         ({"max_rows": 9000}, "data.context.max_rows"),
         ({"pp": 0.5}, "unknown data.context"),
