@@ -56,6 +56,7 @@ class ContextSettings:
             raise ContextError(
                 f"unknown data.context key(s) {sorted(unknown)}; use p, max_segments, max_rows, loss_on"
             )
+
         def given(key: str, default: Any) -> Any:  # an explicit 0 is a value to check, not "unset"
             value = cfg.get(key)
             return default if value is None else value
