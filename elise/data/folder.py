@@ -19,6 +19,7 @@ to merge are returned as items with an error, so preparation's report counts the
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -73,6 +74,22 @@ def read_folder(cfg: Mapping[str, Any], asr: Any = None) -> list[RawItem]:
     if not files:
         raise ValueError(f"no audio files ({', '.join(FOLDER_SUFFIXES)}) under data.root={root}")
     cutter = _Cutter(cfg, out, asr)
+    out.mkdir(parents=True, exist_ok=True)
+    # one process cuts; the others (prepare slices, DDP ranks) wait, then find every recording done
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        items = _update(cfg, root, out, files, cutter)
+    speaker = cfg.get("speaker")
+    for item in items:
+        if item.speaker is None and item.error is None and speaker is not None:
+            item.speaker = str(speaker)
+    return items
+
+
+def _update(
+    cfg: Mapping[str, Any], root: Path, out: Path, files: list[Path], cutter: _Cutter
+) -> list[RawItem]:
+    """Cut the new or changed recordings, rewrite the manifest; its items + the skipped pieces."""
     state = _read_json(out / STATE).get("files", {})
     rows = _read_rows(out / MANIFEST)
     by_source: dict[str | None, list[dict]] = {}
@@ -108,10 +125,6 @@ def read_folder(cfg: Mapping[str, Any], asr: Any = None) -> list[RawItem]:
         f"then rerun): {out / MANIFEST}"
     )
     items = read_manifest(out / MANIFEST) if kept_rows else []
-    speaker = cfg.get("speaker")
-    for item in items:
-        if item.speaker is None and speaker is not None:
-            item.speaker = str(speaker)
     for rel, entry in new_state.items():
         for where, reason, detail in entry["skipped"]:
             items.append(RawItem(where, "", None, None, (reason, f"{rel}: {detail}")))
@@ -217,10 +230,13 @@ class _Cutter:
 
     def asr(self) -> Any:
         if self._asr is None and self.transcribe != "none":
+            import torch
+
             from elise.evaluate.asr import load_asr
 
+            device = "cuda" if torch.cuda.is_available() else "cpu"
             try:
-                self._asr = load_asr(backend=self.transcribe, model=self.cfg.get("asr_model"))
+                self._asr = load_asr(backend=self.transcribe, model=self.cfg.get("asr_model"), device=device)
             except RuntimeError as err:  # the backend's package or weights cannot be loaded
                 raise ValueError(f"data.transcribe={self.transcribe}: {one_line(err)}") from err
         return self._asr
