@@ -65,7 +65,7 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
         from elise.bench.data import bench_data, data_rows
 
         res = bench_data(quick)
-        return res, table(data_rows(res), ["case", "audio s/s", "s"])
+        return res, table(data_rows(res), ["case", "audio s/s", "clips/s", "s", "MB"])
     from elise.bench.gpu import bench_gpu
 
     res = bench_gpu(quick)
