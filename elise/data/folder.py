@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -127,7 +128,9 @@ def _update(
     items = read_manifest(out / MANIFEST) if kept_rows else []
     for rel, entry in new_state.items():
         for where, reason, detail in entry["skipped"]:
-            items.append(RawItem(where, "", None, None, (reason, f"{rel}: {detail}")))
+            items.append(
+                RawItem(where, "", None, None, (reason, detail if where == rel else f"{rel}: {detail}"))
+            )
     return items
 
 
@@ -157,8 +160,6 @@ def sidecar_text(path: Path) -> str | None:
 
 def text_units(text: str) -> list[str]:
     """A sidecar's lines when it has several, else its sentences (split after . ! ?)."""
-    import re
-
     lines = [" ".join(line.split()) for line in text.splitlines() if line.strip()]
     if len(lines) > 1:
         return lines
