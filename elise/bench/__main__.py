@@ -50,6 +50,9 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
             f"\nmemory read bandwidth {res['bandwidth_gbs']:.1f} GB/s; bound fp32 {bound[0]['bound_s']:.3f} s/frame "
             f"(elise reaches {bound[0]['fraction']:.0%}), int8 {bound[1]['bound_s']:.3f} s/frame "
             f"({bound[1]['fraction']:.0%})\nint8 vs fp32 codes: {res['int8_agreement']}\n"
+            f"int4 vs fp32 codes: {res['int4_agreement']}\nbf16 vs fp32 codes: {res['bf16_agreement']}\n"
+            f"kernel choice (quantize=auto) on this machine: {res['kernel_choice']['reason']}\n"
+            f"{res['kernel_choice']['table']}\n"
         )
         text += table([{"case": k, **v} for k, v in res["batch"].items()],
                       ["case", "per_frame_s", "total_frames_per_s", "vs_b1"])  # fmt: skip

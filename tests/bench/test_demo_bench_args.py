@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny
 from omegaconf import OmegaConf
+from testkit import save_tiny
 
 from elise.bench.__main__ import PARTS, bench_args
 from elise.cli import check_overrides, help_text
