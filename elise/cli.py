@@ -32,7 +32,8 @@ VERBATIM_KEYS = frozenset(
     {
         "text", "reference_text", "text_file", "reference_audio", "output", "output_dir", "ckpt",
         "ckpt_path", "init_from", "out", "codec_config", "run_dir", "metrics_out", "data.path",
-        "data.root", "codec.weights", "hydra.run.dir", "dialogue", "dialogue_file", "voices",
+        "data.root", "codec.weights", "hydra.run.dir", "voices_dir", "api_key", "dialogue", "dialogue_file",
+        "voices",
     }
 )  # fmt: skip
 TEXT_KEYS = frozenset({"text", "reference_text"})  # "null" typed here is a sentence, not None
@@ -291,6 +292,7 @@ def claim_run_dir(config_name: str, argv: list[str]) -> list[str]:
 COMMANDS = {
     "train": ("train", "elise.train:main", "python train.py"),
     "synthesize": ("synthesize", "elise.synthesize:main", "python synthesize.py"),
+    "serve": ("serve", "elise.serve.app:main", "python serve.py"),
     "prepare": ("prepare", "elise.prepare:main", "python -m elise.prepare"),
     "export": ("export", "elise.export:main", "python -m elise.export"),
     "report": ("report", "elise.report:main", "python -m elise.report"),

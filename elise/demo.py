@@ -74,6 +74,21 @@ def synthesize_demo(ckpt: Path, out: Path) -> Path:
     return out
 
 
+CODEC_NOTES = {
+    "tiny": "tiny codec: a smoke test, not speech",
+    "mimi_random": "Mimi with seeded random weights: noise, not speech",
+}
+
+
+def codec_note(ckpt: Path) -> str:
+    """What the demo's wav is, from the codec ``ckpt`` records (the one synthesis used)."""
+    from elise.checkpoints import torch_load_checked
+
+    codec = (torch_load_checked(ckpt, mmap=True).get("hyper_parameters") or {}).get("codec") or {}
+    name = str(codec.get("name", "unknown"))
+    return CODEC_NOTES.get(name, f"codec {name}")
+
+
 def first_last(run_dir: Path, key: str = "train/loss") -> tuple[float, float] | None:
     from elise.report import read_metrics
 
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"metrics:    {run_dir / 'metrics.csv'}")
     print(f"report:     {report}")
     print(f"samples:    {run_dir / 'samples'}")
-    print(f"synthesized '{SENTENCE}' -> {wav}  (tiny codec: a smoke test, not speech)")
+    print(f"synthesized '{SENTENCE}' -> {wav}  ({codec_note(ckpt)})")
     return 0
 
 

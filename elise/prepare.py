@@ -8,6 +8,8 @@ one line on stderr.
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -23,12 +25,34 @@ from elise.text import build_tokenizer
 USER_ERRORS = (DataUnavailable, CodecUnavailable, OSError, ValueError, ImportError, OmegaConfBaseException)
 
 
+def slice_of(opts: dict) -> tuple[int, int]:
+    """(shard, num_shards): ``prepare.shard``/``num_shards``, else torchrun's RANK/WORLD_SIZE, else (0, 1)."""
+    shard, num = opts.get("shard"), opts.get("num_shards")
+    if num is None:
+        num = int(os.environ.get("WORLD_SIZE", "1"))
+        shard = int(os.environ.get("RANK", "0")) if shard is None else shard
+    return int(shard or 0), int(num)
+
+
 def run(cfg: DictConfig) -> PreparedData:
-    """Build the tokenizer and codec named by ``cfg`` and prepare ``cfg.data``."""
+    """Build the tokenizer and codec named by ``cfg`` and prepare ``cfg.data`` (this run's slice)."""
     tokenizer = build_tokenizer(cfg.get("tokenizer"))
+    opts = to_dict(cfg.get("prepare") or {})
+    shard, num_shards = slice_of(opts)
+    if cfg.data.get("source") == "codes":
+        from elise.data.codes import prepare_codes
+
+        data = prepare_codes(cfg.data, tokenizer, progress=True)
+        print(f"index of the pre-encoded codes: {data.index}")
+        return data
     codec = build_codec(**to_dict(cfg.codec))
-    data = prepare(cfg.data, codec, tokenizer, progress=True)
-    print(f"codes cached in {data.cache_dir} (report: {data.cache_dir}/prepare_report.json)")
+    workers = int(opts.get("num_workers") or 0)
+    data = prepare(
+        cfg.data, codec, tokenizer, progress=True, num_workers=workers, shard=shard, num_shards=num_shards
+    )
+    if data.examples or num_shards == 1:
+        where = f"index: {data.index}" if data.index else f"report: {data.cache_dir}/prepare_report.json"
+        print(f"codes cached in {data.cache_dir} ({where})")
     return data
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from elise.data.audio import PIPELINE
+from elise.data.audio import PIPELINE, AudioError, read_audio
+from elise.errors import one_line
 
 CACHE_VERSION = "codes-v1"
 
@@ -40,6 +41,27 @@ def audio_info(wav: np.ndarray) -> AudioInfo:
     wav = np.ascontiguousarray(wav, dtype=np.float32)
     peak = float(np.abs(wav).max()) if wav.size else 0.0
     return AudioInfo(hashlib.sha256(wav.tobytes()).hexdigest(), int(wav.size), peak)
+
+
+def decode_job(job: Path | tuple[bytes, str]) -> tuple[np.ndarray, AudioInfo] | tuple[str, str]:
+    """Decode (and resample) one clip; runs in a preparation worker process.
+
+    ``job``: a path, or (encoded bytes, their name). Returns (wav [N] float32 24 kHz, its
+    ``AudioInfo``), or (reason, detail) of an ``unreadable_audio`` skip, so a bad clip never
+    ends the pool.
+    """
+    try:
+        if isinstance(job, tuple):
+            from elise.data.sources import NamedBytes
+
+            wav = read_audio(NamedBytes(job[0], job[1]))
+        else:
+            wav = read_audio(job)
+        return wav, audio_info(wav)
+    except (AudioError, OSError) as err:
+        return "unreadable_audio", one_line(err)
+    except Exception as err:  # a per-item failure must not end a long run; it is reported instead
+        return "unreadable_audio", f"{type(err).__name__}: {one_line(err)}"
 
 
 def source_fingerprint(src: Path | bytes) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,9 +29,10 @@ from torch.utils.data import DataLoader
 from elise.config import conf_defaults
 from elise.data.collate import collate
 from elise.data.context import ContextBatchSampler, ContextPlanner, ContextSettings
-from elise.data.dataset import CodesDataset
+from elise.data.dataset import CodesDataset, IndexDataset
 from elise.data.items import PreparedData
 from elise.data.sampler import TokenBudgetBatchSampler
+from elise.data.shards import ClipIndex
 from elise.text import build_tokenizer
 
 
@@ -71,6 +73,7 @@ class EliseDataModule(pl.LightningDataModule):
         pin_memory = data_cfg.get("pin_memory") if data_cfg is not None else None
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.cache_ready = False  # prepare_data ran in this process (train.py calls it early)
+        self.index_file: Path | None = None  # the clip index prepare_data wrote (shard store, data=codes)
         context = dict(conf_defaults("data/default").get("context") or {})
         context.update((data_cfg.get("context") if data_cfg is not None else None) or {})
         self.context = ContextSettings.from_cfg(context, self.max_tokens)
@@ -83,14 +86,47 @@ class EliseDataModule(pl.LightningDataModule):
 
     # ---- preparation ---------------------------------------------------------------------
 
-    def _prepare(self, progress: bool) -> PreparedData:
+    def _codec(self) -> Any:
+        """The codec, or None for pre-encoded data (``data=codes`` needs none)."""
         from elise.codec import build_codec  # lazy: Mimi pulls in moshi
+
+        if self.data_cfg is not None and self.data_cfg.get("source") == "codes":
+            return None
+        codec_kwargs = dict(self.codec_cfg.items()) if self.codec_cfg is not None else {}
+        return build_codec(**codec_kwargs)
+
+    def _prepare(self, progress: bool) -> PreparedData:
+        if self.data_cfg is not None and self.data_cfg.get("source") == "codes":
+            from elise.data.codes import prepare_codes
+
+            return prepare_codes(self.data_cfg, self.tokenizer, progress=progress)
         from elise.data.prepare import prepare
 
-        codec_kwargs = dict(self.codec_cfg.items()) if self.codec_cfg is not None else {}
-        codec = build_codec(**codec_kwargs)
         strict = bool(_get(self.data_cfg, "strict"))
-        return prepare(self.data_cfg, codec, self.tokenizer, strict=strict, progress=progress)
+        return prepare(self.data_cfg, self._codec(), self.tokenizer, strict=strict, progress=progress)
+
+    def _open_index(self) -> bool:
+        """Shard store / pre-encoded data: open the clip index ``prepare_data`` wrote (memory-mapped:
+        nothing per clip is read but the split and length columns). False for the npy store."""
+        cfg = self.data_cfg if self.data_cfg is not None else {}
+        if cfg.get("source") != "codes" and _get(cfg, "store") != "shards":
+            return False
+        if cfg.get("source") == "codes":
+            from elise.data.codes import codes_index_path
+
+            path = self.index_file or codes_index_path(cfg, self.tokenizer)
+        else:
+            from elise.data.prepare import find_index
+
+            path = self.index_file or find_index(self.data_cfg, self._codec(), self.tokenizer)
+        assert path is not None
+        if not path.with_suffix(".json").is_file():  # setup without prepare_data (tests, notebooks)
+            path = self._prepare(progress=False).index
+        assert path is not None
+        index = ClipIndex(path)
+        self.train_set, self.val_set = IndexDataset(index, "train"), IndexDataset(index, "val")
+        self._report = dict(index.meta.get("report") or {})
+        return True
 
     def prepare_data(self) -> None:
         """Encode and cache (once per process: a second call, Lightning's after train.py's, does nothing).
@@ -98,19 +134,21 @@ class EliseDataModule(pl.LightningDataModule):
         if not self.cache_ready:
             prepared = self._prepare(progress=True)
             self._report = prepared.report
-            self._planner(prepared.split("train"))  # ContextError now, before the model is built
+            self.index_file = prepared.index
+            if self.context.active:  # ContextError now, before the model is built
+                self._planner(prepared.split("train"))
             self.cache_ready = True
 
     def setup(self, stage: str | None = None) -> None:
-        if self.prepared is None:
-            self.prepared = self._prepare(progress=False)  # cache hits only after prepare_data
-            self.train_set = CodesDataset(self.prepared.split("train"))
-            self.val_set = CodesDataset(self.prepared.split("val"))
-            self._report = self.prepared.report
+        if self.train_set is None:
+            if not self._open_index():
+                self.prepared = self._prepare(progress=False)  # cache hits only after prepare_data
+                self.train_set = CodesDataset(self.prepared.split("train"))
+                self.val_set = CodesDataset(self.prepared.split("val"))
+                self._report = self.prepared.report
+            assert self.train_set is not None and self.val_set is not None
             if len(self.train_set) == 0 and stage in (None, "fit"):
-                raise ValueError(
-                    f"no training examples left after preparation; report: {self.prepared.report}"
-                )
+                raise ValueError(f"no training examples left after preparation; report: {self._report}")
             if len(self.val_set) == 0 and stage in (None, "fit", "validate"):
                 warnings.warn(
                     f"no validation clips ({len(self.train_set)} train): validation is skipped; hold some out "

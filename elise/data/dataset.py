@@ -1,10 +1,14 @@
-"""Map-style dataset over prepared examples: loads each item's cached Mimi codes."""
+"""Map-style datasets over prepared examples: load each item's cached Mimi codes."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 from torch.utils.data import Dataset
 
 from elise.data.items import Example
+from elise.data.shards import ClipIndex
 from elise.layout import NUM_CODEBOOKS
 
 
@@ -46,3 +50,41 @@ class CodesDataset(Dataset):
                 f"expected [{NUM_CODEBOOKS}, {ex.frames}]; delete the file to re-encode it"
             )
         return {"id": ex.id, "text_ids": ex.text_ids, "codes": codes, "speaker": ex.speaker}
+
+
+class _IndexExamples(Sequence[Example]):
+    """The clips of one split of a ``ClipIndex`` as ``Example`` records, built when accessed."""
+
+    def __init__(self, index: ClipIndex, positions: np.ndarray, split: str):
+        self.index, self.positions, self.split = index, positions, split
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        c = self.index.clip(int(self.positions[i]))
+        fmt = f"{self.index.meta['column']}:{self.index.meta['layout']}"
+        return Example(
+            c["id"], c["text"], c["speaker"], c["text_ids"], c["codes_path"], c["frames"], self.split,
+            c["group"], c["row"], fmt,
+        )  # fmt: skip
+
+
+class IndexDataset(CodesDataset):
+    """``CodesDataset`` over one split of a memory-mapped clip index (``elise.data.shards``).
+
+    Holds the split's positions and row counts (two integer arrays); every other field of a clip
+    and its codes are read when the clip is loaded.
+    """
+
+    def __init__(self, index: ClipIndex, split: str):
+        val = index.column("val")
+        self.positions = np.flatnonzero(val if split == "val" else ~val)  # [N] rows of the index
+        self._lengths = index.column("rows")[self.positions]  # [N]
+        self.examples = _IndexExamples(index, self.positions, split)  # type: ignore[assignment]
+
+    @property
+    def lengths(self) -> np.ndarray:  # type: ignore[override]
+        return self._lengths

@@ -12,7 +12,9 @@ from torch import Tensor
 
 @dataclass
 class Example:
-    """One prepared clip: its text ids and the path of its cached Mimi codes ([32, T] int16 .npy)."""
+    """One prepared clip: its text ids and where its Mimi codes are: a [32, T] int16 ``.npy`` file, or
+    ``row`` of an Arrow shard / pre-encoded file (``codes_format``: ``<column>:<layout>``, see
+    ``elise.data.shards``)."""
 
     id: str
     text: str
@@ -22,6 +24,8 @@ class Example:
     frames: int
     split: str = "train"  # "train" | "val"
     group: str | None = None  # conversation/session id when the source gives one (context clips come from it)
+    row: int | None = None  # row of ``codes_path`` when it is an Arrow file
+    codes_format: str = "codes:bytes"
 
     @property
     def num_rows(self) -> int:
@@ -30,7 +34,12 @@ class Example:
 
     def load_codes(self) -> Tensor:
         """Codes [32, frames] long."""
-        return torch.from_numpy(np.load(self.codes_path).astype(np.int64))
+        if self.row is None:
+            return torch.from_numpy(np.load(self.codes_path).astype(np.int64))
+        from elise.data.shards import read_codes
+
+        column, layout = self.codes_format.split(":")
+        return torch.from_numpy(read_codes(self.codes_path, self.row, column, layout).astype(np.int64))
 
 
 @dataclass
@@ -40,6 +49,7 @@ class PreparedData:
     examples: list[Example]
     report: dict = field(default_factory=dict)
     cache_dir: Path | None = None
+    index: Path | None = None  # the clip index (``elise.data.shards``) of the shard store
 
     def split(self, name: str) -> list[Example]:
         return [e for e in self.examples if e.split == name]

@@ -22,9 +22,10 @@ import torch
 
 from elise.codec.base import Codec
 from elise.config import conf_defaults, group_options
-from elise.data.audio import TARGET_SR, AudioError, read_audio
-from elise.data.cache import AudioInfo, CodeCache, audio_info, source_fingerprint
+from elise.data.audio import TARGET_SR, AudioError
+from elise.data.cache import AudioInfo, CodeCache, decode_job, source_fingerprint
 from elise.data.items import Example, PreparedData
+from elise.data.shards import ShardStore, index_batch, write_index
 from elise.data.sources import RawItem, load_items, speaker_id, speaker_map
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
@@ -83,10 +84,17 @@ def prepare(
     tokenizer: Tokenizer,
     strict: bool = False,
     progress: bool = True,
+    num_workers: int = 0,
+    shard: int = 0,
+    num_shards: int = 1,
 ) -> PreparedData:
     """Prepare the data named by ``data_cfg`` (see conf/data/*.yaml) for training.
 
     ``progress`` shows a progress bar and prints the report table (the report JSON is always written).
+    ``num_workers`` processes decode and resample the clips (0: this process). ``shard`` of
+    ``num_shards``: this run takes items ``shard, shard + num_shards, ...`` and writes its part of the
+    result; the run that finds every part written merges them (same examples, codes and report
+    counts as one run over all items) and returns them, the others return no examples.
 
     Raises:
         FileNotFoundError / DataUnavailable / ValueError: the source cannot be read at all.
@@ -94,101 +102,282 @@ def prepare(
     """
     start = time.perf_counter()
     cfg = data_settings(data_cfg)
+    shard, num_shards = int(shard), int(num_shards)
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ValueError(f"prepare.shard must be in [0, prepare.num_shards), got {shard} of {num_shards}")
     items = load_items(cfg)
     settings = f"sr={codec.sample_rate}|nq={codec.num_codebooks}"
-    cache = CodeCache(cfg["cache_dir"], codec.identity, settings)
+    cache = open_store(
+        cfg, codec.identity, settings, writer="w0" if num_shards == 1 else f"s{shard}of{num_shards}"
+    )
     speakers = speaker_map([it.speaker for it in items if it.error is None])
     run = _Run(cfg, codec, tokenizer, cache, speakers, strict or bool(cfg["strict"]))
-    with _progress_bar(progress, len(items)) as advance:
-        for n, item in enumerate(items, start=1):
-            run.add(item)
-            if len(run.pending) >= run.batch_size * ENCODE_WINDOW:
-                run.flush()
-            advance(n, run.encoded)
-        run.flush()
-        advance(len(items), run.encoded)
-    splits = assign_splits(
-        [r["id"] for r in run.kept], cfg["val_fraction"], cfg["val_count"], cfg["split_seed"]
-    )
+    mine = [(n, it) for n, it in enumerate(items) if n % num_shards == shard]
+    with _progress_bar(progress, len(mine)) as advance, _decoder(num_workers) as decode:
+        run.process(mine, decode, advance)
+    part = run.part()
+    name = dataset_name(cfg, codec.identity, settings, tokenizer)
+    if num_shards > 1:
+        parts = _exchange_parts(cache.root / "parts", f"{name}-of{num_shards}", shard, num_shards, part)
+        if parts is None:
+            if progress:
+                print(f"slice {shard} of {num_shards} done; the last slice to finish writes the index")
+            return PreparedData([], {"slice": shard, "num_shards": num_shards}, cache.root)
+    else:
+        parts = [part]
+    return _finish(cfg, parts, codec, cache, name, run.strict, time.perf_counter() - start, progress)
+
+
+def open_store(cfg: dict, codec_identity: str, settings: str, writer: str = "w0") -> CodeCache:
+    """The code store ``data.store`` names: ``npy`` (one file per clip) or ``shards``."""
+    store = str(cfg.get("store") or "npy")
+    if store == "npy":
+        return CodeCache(cfg["cache_dir"], codec_identity, settings)
+    if store == "shards":
+        return ShardStore(
+            cfg["cache_dir"], codec_identity, settings, writer, float(cfg.get("shard_mb") or 256)
+        )
+    raise ValueError(f"data.store must be npy or shards, got {store!r}")
+
+
+# data keys that change which items are kept, their text or split (part of the index's name)
+ITEM_KEYS = (
+    "source", "name", "path", "root", "split", "speaker_column", "min_seconds", "max_seconds",
+    "silence_threshold", "val_fraction", "val_count", "split_seed", "max_items", "store",
+)  # fmt: skip
+
+
+def dataset_name(cfg: dict, codec_identity: str, settings: str, tokenizer: Tokenizer) -> str:
+    """Name of a prepared set's index and parts: a hash of the item keys, the codec and the tokenizer."""
+    probe = encode_prompt(tokenizer, "Probe: the quick brown fox, 0123 \u00e9\u00df.", 0)
+    spec = {k: cfg.get(k) for k in ITEM_KEYS} | {"codec": codec_identity, "settings": settings, "tok": probe}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def index_path(cache_dir: str | Path, name: str) -> Path:
+    return Path(cache_dir).expanduser() / f"index-{name}.arrow"
+
+
+def find_index(data_cfg: Mapping[str, Any] | Any, codec: Codec | None, tokenizer: Tokenizer) -> Path | None:
+    """Where ``prepare`` writes the clip index of this data (None: the npy store has none)."""
+    cfg = data_settings(data_cfg)
+    if str(cfg.get("store") or "npy") != "shards":
+        return None
+    assert codec is not None
+    settings = f"sr={codec.sample_rate}|nq={codec.num_codebooks}"
+    return index_path(cfg["cache_dir"], dataset_name(cfg, codec.identity, settings, tokenizer))
+
+
+def _exchange_parts(folder: Path, name: str, shard: int, num_shards: int, part: dict) -> list[dict] | None:
+    """Write this slice's part; all parts when every slice has written its own, else None."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / f"{name}-{shard}.json", part)
+    paths = [folder / f"{name}-{i}.json" for i in range(num_shards)]
+    if not all(p.is_file() for p in paths):
+        return None
+    return [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+
+
+def _finish(
+    cfg: dict,
+    parts: list[dict],
+    codec: Codec,
+    cache: CodeCache,
+    name: str,
+    strict: bool,
+    secs: float,
+    progress: bool,
+) -> PreparedData:
+    """Merge the parts (item order; an id counts once, as in one run), split, report, write the index."""
+    records = sorted((r for p in parts for r in p["records"]), key=lambda r: r["n"])
+    kept, skipped, seen = [], [], set()
+    for r in records:
+        if not r.get("source_error"):
+            if r["id"] in seen:
+                r = {
+                    "n": r["n"],
+                    "id": r["id"],
+                    "reason": "duplicate_id",
+                    "detail": "id already used by an earlier item",
+                }
+            seen.add(r["id"])
+        if "reason" in r:
+            if strict:
+                _raise_bad(r)
+            skipped.append({"id": r["id"], "reason": r["reason"], "detail": r["detail"]})
+        else:
+            kept.append(r)
+    splits = assign_splits([r["id"] for r in kept], cfg["val_fraction"], cfg["val_count"], cfg["split_seed"])
+    shards = isinstance(cache, ShardStore)
     examples = [
         Example(
             id=r["id"],
             text=r["text"],
             speaker=r["speaker"],
             text_ids=r["text_ids"],
-            codes_path=str(cache.path(r["key"])),
-            frames=run.frames[r["key"]],
+            codes_path=str(cache.dir / r["file"]) if shards else str(cache.path(r["key"])),
+            frames=r["frames"],
             split=splits[r["id"]],
             group=r["group"],
+            row=r["row"] if shards else None,
         )
-        for r in run.kept
+        for r in kept
     ]
-    report = _report(cfg, run, examples, codec, cache, time.perf_counter() - start)
+    counts = {k: sum(p[k] for p in parts) for k in ("encoded", "cached")}
+    report = _report(cfg, kept, skipped, examples, counts, cache.speakers, codec, cache, secs)
+    if shards:
+        files = sorted({r["file"] for r in kept})
+        number = {f: i for i, f in enumerate(files)}
+        rows = [
+            {**r, "val": splits[r["id"]] == "val", "file": number[r["file"]], "source": r["src"]}
+            for r in kept
+        ]
+        index = index_path(cache.root, name)
+        batches = (index_batch(rows[i : i + 65536]) for i in range(0, len(rows), 65536))
+        write_index(index, batches, {"files": [f"shards/{f}" for f in files], "report": report})
     _write_json(cache.root / "prepare_report.json", report)
     if progress:
         print_report(report)
-    return PreparedData(examples, report, cache.root)
+    return PreparedData(examples, report, cache.root, index if shards else None)
+
+
+def _raise_bad(record: dict) -> None:
+    detail = f" ({record['detail']})" if record["detail"] else ""
+    raise BadItem(f"{record['id']}: {record['reason']}{detail}")
 
 
 class _Run:
-    """State of one preparation pass: kept records, skips, the batch waiting to be encoded."""
+    """State of one preparation pass: records in item order, the clips waiting to be encoded."""
 
     def __init__(
         self, cfg: dict, codec: Codec, tokenizer: Tokenizer, cache: CodeCache, speakers: dict, strict: bool
     ):
         self.cfg, self.codec, self.tokenizer, self.cache, self.strict = cfg, codec, tokenizer, cache, strict
         self.speakers: dict[str, int] = speakers
-        self.kept: list[dict[str, Any]] = []
-        self.skipped: list[dict[str, str]] = []
+        cache.speakers = speakers  # type: ignore[attr-defined]
+        self.records: list[dict[str, Any]] = []
         self.frames: dict[str, int] = {}  # cache key -> frames, for cached and newly encoded clips
         self.pending: dict[str, np.ndarray] = {}  # cache key -> wav [N], waiting for a batch
         self.seen: set[str] = set()
         self.encoded = 0
         self.cached = 0
-        self.seconds = 0.0
         self.batch_size = max(1, int(getattr(codec, "batch_size", 8) or 8))
 
-    def add(self, item: RawItem) -> None:
-        try:
-            self._add(item)
-        except _Skip as skip:
-            self._skip(item.id, skip.reason, skip.detail)
-        except (AudioError, OSError) as err:
-            self._skip(item.id, "unreadable_audio", one_line(err))
-        except Exception as err:  # a per-item failure must not end a long run; it is reported instead
-            self._skip(item.id, "unreadable_audio", f"{type(err).__name__}: {one_line(err)}")
+    def process(self, items: list[tuple[int, RawItem]], decode: Callable, advance: Callable) -> None:
+        """All items: checks and cache lookups here, decoding by ``decode`` (a map over jobs, in
+        order), encoding in windows of ``ENCODE_WINDOW`` batches."""
+        chunk = self.batch_size * ENCODE_WINDOW
+        done = 0
+        for start in range(0, len(items), chunk):
+            first = len(self.records)
+            begun = [self._begin(n, item) for n, item in items[start : start + chunk]]
+            need = [b for b in begun if b is not None and b["job"] is not None]
+            for b, result in zip(need, decode([b["job"] for b in need]), strict=True):
+                b["decoded"] = result
+            for b in begun:
+                if b is not None:
+                    self._guard(b["n"], b["item"], self._end, b)
+            bad = [r for r in self.records[first:] if "reason" in r]
+            if self.strict and bad:  # the first bad item in item order, not in check order
+                _raise_bad(min(bad, key=lambda r: r["n"]))
+            done += len(begun)
+            if len(self.pending) >= chunk:
+                self.flush()
+            advance(done, self.encoded)
+        self.flush()
+        advance(done, self.encoded)
 
-    def _add(self, item: RawItem) -> None:
+    def _guard(self, n: int, item: RawItem, step: Callable, *args: Any) -> Any:
+        try:
+            return step(*args)
+        except _Skip as skip:
+            self._skip(n, item.id, skip.reason, skip.detail)
+        except (AudioError, OSError) as err:
+            self._skip(n, item.id, "unreadable_audio", one_line(err))
+        except Exception as err:  # a per-item failure must not end a long run; it is reported instead
+            self._skip(n, item.id, "unreadable_audio", f"{type(err).__name__}: {one_line(err)}")
+        return None
+
+    def _begin(self, n: int, item: RawItem) -> dict | None:
+        """Checks that need no audio; the decode job when the audio facts or codes are not cached."""
         if item.error is not None:
-            raise _Skip(*item.error)
+            self._skip(n, item.id, *item.error, source_error=True)
+            return None
         # an id counts as used even when its first item is bad: which of two clips is "the" one is unclear
         if item.id in self.seen:
-            raise _Skip("duplicate_id", "id already used by an earlier item")
+            self._skip(n, item.id, "duplicate_id", "id already used by an earlier item")
+            return None
         self.seen.add(item.id)
+        return self._guard(n, item, self._start, n, item)
+
+    def _start(self, n: int, item: RawItem) -> dict:
         text = " ".join(item.text.split())
         speaker = speaker_id(item.speaker, self.speakers)
         text_ids = self._text_ids(text, speaker)
-        info, wav, src = self._audio(item)
-        key = self.cache.key(info.sha)
+        if item.audio is None:
+            raise _Skip("missing_file", "no audio")
+        src = item.audio() if callable(item.audio) else item.audio
+        if isinstance(src, Path) and not src.is_file():
+            raise _Skip("missing_file", str(src))
+        fingerprint = source_fingerprint(src)
+        info = self.cache.audio_index.get(fingerprint)
+        if info is not None:
+            self._check(info)
+        job = None
+        if info is None or self._cached(self.cache.key(info.sha)) is None:
+            job = (bytes(src), getattr(src, "name", "audio bytes")) if isinstance(src, bytes) else src
+        rec = {"n": n, "item": item, "text": text, "speaker": speaker, "text_ids": text_ids, "info": info}
+        return rec | {"job": job, "fingerprint": fingerprint, "src": str(getattr(src, "name", src))}
+
+    def _cached(self, key: str) -> int | None:
         if key not in self.frames:
             frames = self.cache.frames(key, self.codec.num_codebooks)
-            if frames is not None:
-                self.frames[key] = frames
-                self.cached += 1
-            elif key not in self.pending:
-                self.pending[key] = wav if wav is not None else read_audio(src)
-        self.seconds += info.num_samples / TARGET_SR
-        self.kept.append(
+            if frames is None:
+                return None
+            self.frames[key] = frames
+            self.cached += 1
+        return self.frames[key]
+
+    def _end(self, b: dict) -> None:
+        info, wav = b["info"], None
+        if b["job"] is not None:
+            result = b["decoded"]
+            if isinstance(result[0], str):
+                raise _Skip(*result)
+            wav, decoded = result
+            if info is None:
+                info = decoded
+                self.cache.audio_index.add(b["fingerprint"], info)
+                self._check(info)
+        key = self.cache.key(info.sha)
+        if self._cached(key) is None and key not in self.pending:
+            self.pending[key] = wav  # decoded: codes not cached when the job was made
+        item = b["item"]
+        self.records.append(
             {
+                "n": b["n"],
                 "id": item.id,
-                "text": text,
-                "speaker": speaker,
+                "text": b["text"],
+                "speaker": b["speaker"],
                 "speaker_name": item.speaker,
                 "group": item.group,
-                "text_ids": text_ids,
+                "text_ids": b["text_ids"],
                 "key": key,
+                "seconds": info.num_samples / TARGET_SR,
+                "src": b["src"],
             }
         )
+
+    def _check(self, info: AudioInfo) -> None:
+        seconds = info.num_samples / TARGET_SR
+        if info.num_samples == 0:
+            raise _Skip("empty_audio", "0 samples")
+        if info.peak < float(self.cfg["silence_threshold"]):
+            raise _Skip("silent_audio", f"peak {info.peak:.2e} < {self.cfg['silence_threshold']}")
+        if seconds < float(self.cfg["min_seconds"]):
+            raise _Skip("too_short", f"{seconds:.2f} s < {self.cfg['min_seconds']} s")
+        if seconds > float(self.cfg["max_seconds"]):
+            raise _Skip("too_long", f"{seconds:.2f} s > {self.cfg['max_seconds']} s")
 
     def _text_ids(self, text: str, speaker: int) -> list[int]:
         if not text:
@@ -207,40 +396,27 @@ class _Run:
             raise _Skip("untokenizable_text", "tokenizer maps part of the text to its unknown token")
         return ids
 
-    def _audio(self, item: RawItem) -> tuple[AudioInfo, np.ndarray | None, Path | bytes]:
-        """Facts of the item's decoded audio (from the audio index when known), checked."""
-        if item.audio is None:
-            raise _Skip("missing_file", "no audio")
-        src = item.audio() if callable(item.audio) else item.audio
-        if isinstance(src, Path) and not src.is_file():
-            raise _Skip("missing_file", str(src))
-        fingerprint = source_fingerprint(src)
-        info, wav = self.cache.audio_index.get(fingerprint), None
-        if info is None:
-            wav = read_audio(src)  # [N] float32 at 24 kHz
-            info = audio_info(wav)
-            self.cache.audio_index.add(fingerprint, info)
-        seconds = info.num_samples / TARGET_SR
-        if info.num_samples == 0:
-            raise _Skip("empty_audio", "0 samples")
-        if info.peak < float(self.cfg["silence_threshold"]):
-            raise _Skip("silent_audio", f"peak {info.peak:.2e} < {self.cfg['silence_threshold']}")
-        if seconds < float(self.cfg["min_seconds"]):
-            raise _Skip("too_short", f"{seconds:.2f} s < {self.cfg['min_seconds']} s")
-        if seconds > float(self.cfg["max_seconds"]):
-            raise _Skip("too_long", f"{seconds:.2f} s > {self.cfg['max_seconds']} s")
-        return info, wav, src
+    def _skip(self, n: int, item_id: str, reason: str, detail: str, source_error: bool = False) -> None:
+        rec = {"n": n, "id": item_id, "reason": reason, "detail": detail}
+        self.records.append(rec | {"source_error": True} if source_error else rec)
 
-    def _skip(self, item_id: str, reason: str, detail: str) -> None:
-        if self.strict:
-            raise BadItem(f"{item_id}: {reason} ({detail})" if detail else f"{item_id}: {reason}")
-        self.skipped.append({"id": item_id, "reason": reason, "detail": detail})
+    def part(self) -> dict:
+        """This run's records with frames (and shard locations), and its encoded/cached counts."""
+        if isinstance(self.cache, ShardStore):
+            self.cache.close()
+        for r in self.records:
+            if "key" in r:
+                r["frames"] = self.frames[r["key"]]
+                if isinstance(self.cache, ShardStore):
+                    path, r["row"] = self.cache.location(r["key"])
+                    r["file"] = Path(path).name
+        return {"records": self.records, "encoded": self.encoded, "cached": self.cached}
 
     def flush(self) -> None:
         """Encode the pending clips, sorted by length, in batches of ``batch_size``; cache each batch.
 
         Sorting a window of several batches keeps padding small; each batch is written as soon as it
-        is encoded, so a kill loses at most one batch of work.
+        is encoded (a shard when it is full), so a kill loses at most one batch (shard) of work.
         """
         order = sorted(self.pending, key=lambda k: len(self.pending[k]))
         for start in range(0, len(order), self.batch_size):
@@ -260,6 +436,29 @@ class _Run:
             self.cache.save(key, codes_np[i, :, : lengths_f[i]])  # [K, frames_i]
             self.frames[key] = int(lengths_f[i])
         self.encoded += len(keys)
+
+
+class _decoder:
+    """Context manager yielding ``decode(jobs) -> results`` (``elise.data.cache.decode_job``, in
+    order): in this process, or in ``num_workers`` spawned processes."""
+
+    def __init__(self, num_workers: int):
+        self.num_workers = int(num_workers)
+
+    def __enter__(self) -> Callable[[list], list]:
+        if self.num_workers <= 0:
+            return lambda jobs: [decode_job(j) for j in jobs]
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"))
+        return lambda jobs: list(
+            self.pool.map(decode_job, jobs, chunksize=max(1, len(jobs) // (4 * self.num_workers)))
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self.num_workers > 0:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def assign_splits(
@@ -293,28 +492,36 @@ def _unit_hash(text: str) -> float:
 
 
 def _report(
-    cfg: dict, run: _Run, examples: list[Example], codec: Codec, cache: CodeCache, secs: float
+    cfg: dict,
+    kept: list[dict],
+    skipped: list[dict],
+    examples: list[Example],
+    counts: dict,
+    speakers: dict[str, int],
+    codec: Codec,
+    cache: CodeCache,
+    secs: float,
 ) -> dict:
-    counts = dict.fromkeys(REASONS, 0)
-    for s in run.skipped:
-        counts[s["reason"]] = counts.get(s["reason"], 0) + 1
-    names = sorted({r["speaker_name"] for r in run.kept if r["speaker_name"] is not None})
+    reasons = dict.fromkeys(REASONS, 0)
+    for s in skipped:
+        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
+    names = sorted({r["speaker_name"] for r in kept if r["speaker_name"] is not None})
     clips = {n: 0 for n in names}
-    for r in run.kept:
+    for r in kept:
         name = r["speaker_name"] if r["speaker_name"] is not None else UNNAMED_SPEAKER
         clips[name] = clips.get(name, 0) + 1
     return {
         "source": cfg["source"],
-        "total": len(run.kept) + len(run.skipped),
+        "total": len(kept) + len(skipped),
         "kept": len(examples),
         "train": sum(e.split == "train" for e in examples),
         "val": sum(e.split == "val" for e in examples),
-        "hours": round(run.seconds / 3600, 4),
-        "skipped": counts,
-        "items": run.skipped,
-        "encoded": run.encoded,
-        "cached": run.cached,
-        "speakers": {n: run.speakers[n] for n in names},  # name -> id (the `speaker=` of synthesis)
+        "hours": round(sum(r["seconds"] for r in kept) / 3600, 4),
+        "skipped": reasons,
+        "items": skipped,
+        "encoded": counts["encoded"],
+        "cached": counts["cached"],
+        "speakers": {n: speakers[n] for n in names},  # name -> id (the `speaker=` of synthesis)
         "speaker_clips": clips,  # name -> kept clips (clips without a speaker: UNNAMED_SPEAKER, id 0)
         "codec": codec.identity,
         "cache_dir": str(cache.root),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from testkit import save_tiny
 
 from elise.bench.__main__ import PARTS, bench_args
 from elise.cli import check_overrides, help_text
@@ -66,7 +67,7 @@ def test_bench_keys_and_defaults(tmp_path):
     [
         (
             {"part": "synthh"},
-            "error: part=synthh: no such part; choose one of: all, synth, train, data, gpu\n",
+            "error: part=synthh: no such part; choose one of: all, synth, train, data, gpu, serve\n",
         ),
         ({"quick": "yes"}, "error: quick=yes: write quick=true or quick=false\n"),
         ({"threads": 0}, "error: threads=0: a whole number of CPU threads, 1 or more\n"),
@@ -91,3 +92,15 @@ def test_bench_help_lists_its_keys_from_the_yaml():
     text = help_text("bench", "python -m elise.bench")
     assert "part=all" in text and "all | synth | train | data | gpu" in text
     assert "quick=False" in text and "threads=2" in text and "torch CPU threads" in text
+
+
+@pytest.mark.parametrize(
+    ("codec", "note"),
+    [("tiny", "tiny codec: a smoke test, not speech"),
+     ("mimi_random", "Mimi with seeded random weights: noise, not speech"),
+     (None, "codec unknown")],
+)  # fmt: skip
+def test_demo_says_what_codec_made_its_wav(tmp_path, codec, note):
+    from elise.demo import codec_note
+
+    assert codec_note(save_tiny(tmp_path / "m.ckpt", codec=codec)) == note

@@ -100,6 +100,7 @@ def test_help_lists_own_keys_with_meanings(command):
     expected = {
         "train": ["ckpt_path=null", "resume exactly", "trainer.max_steps=", "model=<csm_1b |"],
         "synthesize": ["text=null", "one utterance", "codec=<mimi | mimi_random | tiny>"],
+        "serve": ["max_batch=16", "continuous batching", "api_key=null"],
         "prepare": ["tokenizer=bytes", "data=<"],
         "export": ["ckpt=???", "output directory"],
         "report": ["run_dir=???", "metrics.csv"],

@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
+import elise.data.cache
 import elise.data.prepare as prep
 from elise.codec import build_codec
 from elise.codec.base import Codec
@@ -74,7 +75,7 @@ def test_sample_set_prepares_into_examples(tmp_path: Path) -> None:
         assert ex.text_ids == encode_prompt(tok, ex.text, 0) and ex.speaker == 0
     # the cached codes are the codec's codes of the decoded clip
     ex = data.examples[0]
-    wav = torch.from_numpy(prep.read_audio(ROOT / "elise/assets/sample/wavs" / f"{ex.id}.flac"))
+    wav = torch.from_numpy(elise.data.cache.read_audio(ROOT / "elise/assets/sample/wavs" / f"{ex.id}.flac"))
     ref, _ = codec.inner.encode(wav[None, None])  # [1, 32, T]
     np.testing.assert_array_equal(np.load(ex.codes_path), ref[0].numpy())
     report = json.loads((tmp_path / "prepare_report.json").read_text())
@@ -88,7 +89,7 @@ def test_second_run_is_all_cache_hits_without_decoding(
     cfg = cfg_for(root, tmp_path / "cache")
     first = prepare(cfg, CountingCodec(), ByteTokenizer(), progress=False)
     decodes = []
-    monkeypatch.setattr(prep, "read_audio", lambda src: decodes.append(src) or 1 / 0)
+    monkeypatch.setattr(elise.data.cache, "read_audio", lambda src: decodes.append(src) or 1 / 0)
     codec = CountingCodec()
     second = prepare(cfg, codec, ByteTokenizer(), progress=False)
     assert codec.calls == 0 and decodes == []  # the audio index answers for unchanged files
