@@ -8,12 +8,14 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from testkit import tone
 
 from elise.codec import build_codec
 from elise.config import compose
@@ -21,7 +23,6 @@ from elise.data.audio import TARGET_SR, read_audio
 from elise.data.folder import out_dir, read_folder, text_units
 from elise.data.prepare import prepare
 from elise.text import ByteTokenizer
-from tests.conftest import tone
 from tests.evaluate.conftest import tiny_whisper  # noqa: F401 - a fixture: a random-weight local Whisper
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ class NoASR:
 @functools.cache
 def spoken(sentence: str) -> np.ndarray:
     """espeak-ng's reading of ``sentence``, float32 [N] at 24 kHz, its leading/trailing silence trimmed."""
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         wav_path = Path(tmp) / "s.wav"
         subprocess.run(["espeak-ng", "-w", str(wav_path), sentence], check=True, capture_output=True)
         wav = read_audio(wav_path)
@@ -126,6 +127,16 @@ def test_short_sentences_merge_up_to_min_clip_within_max_clip(tmp_path: Path) ->
     assert rows[0]["start"] <= spans[0][0] and spans[1][1] <= rows[0]["end"] <= spans[2][0]
     assert spans[1][1] <= rows[1]["start"] <= spans[2][0] and rows[1]["end"] >= spans[3][1]
     assert all(r["end"] - r["start"] <= pair + 1.0 for r in rows)
+
+
+@needs_espeak
+def test_speech_longer_than_max_clip_is_cut_in_its_short_pauses(tmp_path: Path) -> None:
+    spans = recording(tmp_path / "rec" / "long.wav", SENTENCES * 2, pause=0.2)  # 0.2 s < min_pause
+    read_folder(settings(tmp_path / "rec", max_clip=8.0), asr=StubASR())
+    rows = manifest_rows(tmp_path / "rec")
+    assert len(rows) >= 3 and all(r["end"] - r["start"] <= 8.0 for r in rows)
+    total = spans[-1][1] + 0.2
+    assert all(in_a_pause(t, spans, total) for r in rows for t in (r["start"], r["end"]))
 
 
 @needs_espeak
