@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import yaml
+from testkit import tone
 
 from elise.codec import build_codec
 from elise.config import compose
@@ -21,7 +24,7 @@ from elise.data.audio import TARGET_SR, read_audio
 from elise.data.folder import out_dir, read_folder, text_units
 from elise.data.prepare import prepare
 from elise.text import ByteTokenizer
-from tests.conftest import tone
+from tests.evaluate.conftest import tiny_whisper  # noqa: F401 - a fixture: a random-weight local Whisper
 
 ROOT = Path(__file__).resolve().parents[2]
 SENTENCES = (
@@ -58,7 +61,7 @@ class NoASR:
 @functools.cache
 def spoken(sentence: str) -> np.ndarray:
     """espeak-ng's reading of ``sentence``, float32 [N] at 24 kHz, its leading/trailing silence trimmed."""
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         wav_path = Path(tmp) / "s.wav"
         subprocess.run(["espeak-ng", "-w", str(wav_path), sentence], check=True, capture_output=True)
         wav = read_audio(wav_path)
@@ -97,12 +100,14 @@ def in_a_pause(t: float, spans: list[tuple[float, float]], total: float) -> bool
 
 
 @needs_espeak
-def test_cut_points_fall_in_the_pauses_one_clip_per_sentence(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pad", [0.15, 1.0])  # 1.0: more than half a pause, so clips stop at its middle
+def test_cut_points_fall_in_the_pauses_one_clip_per_sentence(tmp_path: Path, pad: float) -> None:
     spans = recording(tmp_path / "rec" / "long.wav", SENTENCES)
     total = spans[-1][1] + PAUSE
     asr = StubASR()
-    items = read_folder(settings(tmp_path / "rec"), asr=asr)
+    items = read_folder(settings(tmp_path / "rec", pad=pad), asr=asr)
     rows = manifest_rows(tmp_path / "rec")
+    assert all(b["start"] >= a["end"] for a, b in zip(rows, rows[1:], strict=False))  # no shared audio
     assert len(rows) == len(SENTENCES) == asr.calls == len(items)
     for row, (s, e) in zip(rows, spans, strict=True):
         assert in_a_pause(row["start"], spans, total) and in_a_pause(row["end"], spans, total), (row, spans)
@@ -123,6 +128,16 @@ def test_short_sentences_merge_up_to_min_clip_within_max_clip(tmp_path: Path) ->
     assert rows[0]["start"] <= spans[0][0] and spans[1][1] <= rows[0]["end"] <= spans[2][0]
     assert spans[1][1] <= rows[1]["start"] <= spans[2][0] and rows[1]["end"] >= spans[3][1]
     assert all(r["end"] - r["start"] <= pair + 1.0 for r in rows)
+
+
+@needs_espeak
+def test_speech_longer_than_max_clip_is_cut_in_its_short_pauses(tmp_path: Path) -> None:
+    spans = recording(tmp_path / "rec" / "long.wav", SENTENCES * 2, pause=0.2)  # 0.2 s < min_pause
+    read_folder(settings(tmp_path / "rec", max_clip=8.0), asr=StubASR())
+    rows = manifest_rows(tmp_path / "rec")
+    assert len(rows) >= 3 and all(r["end"] - r["start"] <= 8.0 for r in rows)
+    total = spans[-1][1] + 0.2
+    assert all(in_a_pause(t, spans, total) for r in rows for t in (r["start"], r["end"]))
 
 
 @needs_espeak
@@ -153,6 +168,17 @@ def test_long_recording_with_sidecar_gets_one_sentence_per_clip(tmp_path: Path) 
     assert [it.text for it in items] == list(SENTENCES)
     for row, (s, e) in zip(manifest_rows(root, max_clip=max_clip), spans, strict=True):
         assert row["start"] <= s and row["end"] >= e and row["end"] - row["start"] <= max_clip
+
+
+@needs_espeak
+def test_a_sidecar_that_cannot_be_split_at_pauses_is_counted(tmp_path: Path) -> None:
+    root = tmp_path / "rec"
+    spans = recording(root / "long.wav", SENTENCES)
+    (root / "long.txt").write_text("one sentence without an end for four spoken ones")
+    cfg = settings(root, max_clip=spans[1][1] - spans[0][0], cache_dir=str(tmp_path / "cache"))
+    report = prepare(cfg, build_codec("tiny"), ByteTokenizer(), progress=False).report
+    assert report["kept"] == 0 and report["skipped"]["sidecar_unaligned"] == 1
+    assert "1 sentence(s)/line(s)" in report["items"][0]["detail"]
 
 
 def test_text_units_are_lines_else_sentences() -> None:
@@ -225,6 +251,8 @@ def test_rerun_keeps_finished_files_and_the_users_corrections(tmp_path: Path) ->
     items = read_folder(settings(root), asr=NoASR())  # nothing transcribed again
     assert [it.text for it in items][:1] == ["Corrected by the user."] and len(items) == 3
     assert all((out / r["audio"]).stat().st_mtime_ns == mtimes[r["audio"]] for r in rows)
+    os.utime(root / "a.wav", (1e9, 1e9))  # copied without its times: the same bytes, still done
+    assert [it.text for it in read_folder(settings(root), asr=NoASR())] == [it.text for it in items]
 
     recording(root / "b.wav", SENTENCES[3:])  # changed: cut again; a.wav's lines stay
     (root / "a.wav").rename(root / "a2.wav")  # moved: new file; the old clips are removed
@@ -233,6 +261,55 @@ def test_rerun_keeps_finished_files_and_the_users_corrections(tmp_path: Path) ->
     rows = manifest_rows(root)
     assert asr.calls == 3 and [r["source"] for r in rows] == ["a2.wav", "a2.wav", "b.wav"]
     assert sorted(p.name for p in (out / "clips").iterdir()) == ["a2_000.wav", "a2_001.wav", "b_000.wav"]
+
+
+@needs_espeak
+def test_whisper_through_transformers_transcribes_with_the_configured_model(
+    tmp_path: Path,
+    tiny_whisper: Path,  # noqa: F811 - the imported fixture
+) -> None:
+    root = tmp_path / "rec"
+    recording(root / "a.wav", SENTENCES[:1])
+    items = read_folder(settings(root, transcribe="whisper", asr_model=str(tiny_whisper)))
+    row = manifest_rows(root)[0]
+    assert row["transcript"].startswith(f"whisper:{tiny_whisper} ") and isinstance(items[0].text, str)
+
+
+@pytest.mark.slow  # ~8 s on one core; tests/evaluate guards pocketsphinx itself
+@needs_espeak
+def test_offline_pocketsphinx_transcribes(tmp_path: Path) -> None:
+    root = tmp_path / "rec"
+    recording(root / "a.wav", SENTENCES[:1])
+    items = read_folder(settings(root, transcribe="pocketsphinx"))
+    assert (
+        len(items) == 1 and items[0].text.strip()
+    )  # what it hears in espeak-ng's voice: words, not accurate
+    assert manifest_rows(root)[0]["transcript"].startswith("pocketsphinx")
+
+
+@needs_espeak
+def test_an_asr_that_cannot_load_is_a_one_line_error(tmp_path: Path) -> None:
+    root = tmp_path / "rec"
+    recording(root / "a.wav", SENTENCES[:1])
+    with pytest.raises(
+        ValueError, match=r"^data.transcribe=whisper: cannot load Whisper model .*no-such-model"
+    ):
+        read_folder(settings(root, transcribe="whisper", asr_model=str(tmp_path / "no-such-model")))
+
+
+def test_the_asr_is_loaded_only_when_a_clip_needs_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import elise.evaluate.asr
+
+    def no_load(**kw: object) -> None:
+        raise AssertionError(f"ASR loaded: {kw}")
+
+    monkeypatch.setattr(elise.evaluate.asr, "load_asr", no_load)
+    root = tmp_path / "rec"
+    root.mkdir()
+    sf.write(root / "a.wav", tone(2.5, freq=300.0), 16_000)
+    (root / "a.lab").write_text("Every clip has its sidecar.")
+    items = read_folder(settings(root, transcribe="whisper"))
+    assert [it.text for it in items] == ["Every clip has its sidecar."]
 
 
 def test_folder_config_composes_and_inherits_the_shared_keys() -> None:
