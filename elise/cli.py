@@ -32,7 +32,7 @@ VERBATIM_KEYS = frozenset(
     {
         "text", "reference_text", "text_file", "reference_audio", "output", "output_dir", "ckpt",
         "ckpt_path", "init_from", "out", "codec_config", "run_dir", "metrics_out", "data.path",
-        "data.root", "codec.weights", "hydra.run.dir",
+        "data.root", "codec.weights", "hydra.run.dir", "audio", "eval_set", "asr.model", "sim.model",
     }
 )  # fmt: skip
 TEXT_KEYS = frozenset({"text", "reference_text"})  # "null" typed here is a sentence, not None
@@ -295,6 +295,7 @@ COMMANDS = {
     "report": ("report", "elise.report:main", "python -m elise.report"),
     "model_info": ("model_info", "elise.model.__main__:main", "python -m elise.model"),
     "bench": ("bench", "elise.bench.__main__:main", "python -m elise.bench"),
+    "evaluate": ("evaluate", "elise.evaluate.run:main", "python -m elise.evaluate"),
 }
 
 
