@@ -14,10 +14,16 @@ An elise checkpoint holds, besides Lightning's own keys:
 - ``hyper_parameters["speakers"]``: speaker name -> id of its training data;
 - ``elise_tokenizer_json`` (optional): the full ``tokenizer.json`` text of an HF tokenizer;
 - ``state_dict``: the LightningModule's, with the CSM under the ``model.`` prefix.
+
+A LoRA checkpoint (``lora=...``, ``elise.model.lora``) holds only the adapters in its ``state_dict``,
+``hyper_parameters["lora"]`` (rank, alpha, dropout, targets) and ``hyper_parameters["lora_base"]``:
+the path and sha256 (``weights_sha256``) of the weights it was trained on. ``load_model`` loads that
+base (or ``base=``), refuses one whose hash differs, and returns the merged model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pickle
@@ -211,11 +217,78 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
     return build_tokenizer(spec)
 
 
-def load_elise_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, or of a transformers directory's config.json + *.safetensors (names
+    and contents, sorted): what a LoRA checkpoint records of its base."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted([path / "config.json", *path.glob("*.safetensors")])
+    digest = hashlib.sha256()
+    for f in files:
+        if path.is_dir():
+            digest.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_lora_checkpoint(
+    path: str | Path, ckpt: dict[str, Any], map_location: str | torch.device, base: str | Path | None
+) -> Loaded:
+    """The base (``base`` or the recorded path; its sha256 must match) + the adapters, merged."""
+    from elise.model.lora import LoRAConfig, add_lora, merge_lora
+
+    hp = ckpt["hyper_parameters"]
+    record = hp.get("lora_base") or {}
+    base_path = Path(str(base or record.get("path") or "")).expanduser()
+    if not str(base or record.get("path") or "") or not base_path.exists():
+        raise CheckpointError(
+            f"{path} is a LoRA checkpoint whose base {record.get('path')} is not found: pass base=<its base "
+            "checkpoint or transformers directory>"
+        )
+    found = weights_sha256(base_path)
+    if record.get("sha256") and found != record["sha256"]:
+        raise CheckpointError(
+            f"base {base_path} has sha256 {found[:12]}..., but {path} was trained on {record.get('path')} "
+            f"(sha256 {record['sha256'][:12]}...): pass base=<that base>"
+        )
+    loaded = load_model(base_path, map_location)
+    model = add_lora(loaded.model, LoRAConfig.from_dict(hp["lora"]))
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    adapters = {name for name, p in model.named_parameters() if p.requires_grad}
+    if unexpected or adapters - set(state):
+        raise CheckpointError(
+            f"{path}: adapters do not match lora={hp['lora']} on this base (unexpected {unexpected[:3]}, "
+            f"missing {sorted(adapters - set(state))[:3]})"
+        )
+    merge_lora(model)
+    meta = {
+        "global_step": ckpt.get("global_step"),
+        "epoch": ckpt.get("epoch"),
+        "hyper_parameters": hp,
+        "lora": {"base": str(base_path), "sha256": found, "config": hp["lora"]},
+    }
+    codec = hp.get("codec") or loaded.codec
+    return Loaded(
+        model.to(map_location).eval(),
+        tokenizer_from_checkpoint(ckpt) if ckpt.get("elise_tokenizer_json") else loaded.tokenizer,
+        "elise",
+        meta,
+        codec=dict(codec) if codec else None,
+        speakers={str(k): int(v) for k, v in dict(hp.get("speakers") or loaded.speakers).items()},
+    )
+
+
+def load_elise_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", base: str | Path | None = None
+) -> Loaded:
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp:
         raise CheckpointError(f"{path} has no model config in hyper_parameters: not an elise checkpoint")
+    if hp.get("lora"):
+        return load_lora_checkpoint(path, ckpt, map_location, base)
     model = build_model(dict(hp["model"]))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -262,12 +335,16 @@ def load_transformers_dir(path: str | Path, map_location: str | torch.device = "
     )
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Loaded:
-    """Load an elise ``.ckpt`` file or a transformers "csm" directory (config.json + model.safetensors)."""
+def load_model(
+    path: str | Path, map_location: str | torch.device = "cpu", base: str | Path | None = None
+) -> Loaded:
+    """Load an elise ``.ckpt`` file or a transformers "csm" directory (config.json + model.safetensors).
+
+    A LoRA checkpoint comes back merged into its base: ``base``, else the path it records."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         return load_transformers_dir(path, map_location)
-    return load_elise_checkpoint(path, map_location)
+    return load_elise_checkpoint(path, map_location, base)
 
 
 __all__ = [
@@ -279,4 +356,5 @@ __all__ = [
     "read_checkpoint",
     "resolve_ckpt_path",
     "torch_load_checked",
+    "weights_sha256",
 ]

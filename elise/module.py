@@ -19,9 +19,11 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics import Metric
 
+from elise.checkpoint_error import CheckpointError
 from elise.config import conf_defaults
 from elise.layout import NUM_CODEBOOKS
 from elise.model import CSMConfig, build_model
+from elise.model.lora import LoRAConfig, add_lora, is_lora_key
 from elise.model.loss import LossOutput, csm_loss
 from elise.optim import build_optimizer, optim_settings
 
@@ -85,6 +87,9 @@ class EliseModule(pl.LightningModule):
         tokenizer_json: full tokenizer.json text, stored in the checkpoint (not in hparams).
         codec: the codec it trains on (``elise.codec.codec_identity``); recorded for synthesis/export.
         speakers: speaker name -> id of the training data; recorded so ``speaker=<name>`` resolves.
+        lora: ``elise.model.lora.LoRAConfig`` as a dict: every base weight frozen, adapters train, and
+            checkpoints hold the adapters only (``elise.checkpoints`` finds the base from ``lora_base``).
+        lora_base: the base weights' record ``{"path", "sha256"}`` (``init_from``).
     """
 
     def __init__(
@@ -99,6 +104,8 @@ class EliseModule(pl.LightningModule):
         tokenizer_json: str | None = None,
         codec: Mapping[str, Any] | None = None,
         speakers: Mapping[str, int] | None = None,
+        lora: Mapping[str, Any] | None = None,
+        lora_base: Mapping[str, str] | None = None,
     ):
         super().__init__()
         model_dict = CSMConfig.from_dict(dict(model)).to_dict()  # validated, primitives only
@@ -117,6 +124,8 @@ class EliseModule(pl.LightningModule):
                 "freeze_backbone": bool(freeze_backbone),
                 "codec": dict(codec) if codec else None,
                 "speakers": {str(k): int(v) for k, v in dict(speakers or {}).items()},
+                "lora": LoRAConfig.from_dict(lora).to_dict() if lora else None,
+                "lora_base": dict(lora_base) if lora_base else None,
             }
         )
         self.loss_cfg, self.optim_cfg = loss_cfg, optim_cfg
@@ -125,6 +134,10 @@ class EliseModule(pl.LightningModule):
         self.tokenizer_json = tokenizer_json
         if freeze_backbone:
             self.freeze_backbone()
+        self.lora = LoRAConfig.from_dict(lora) if lora else None
+        if self.lora is not None:
+            add_lora(self.model, self.lora)
+            self.strict_loading = False  # its checkpoints hold the adapters, not the (frozen) base
         # train metrics cover the steps since the last log on this rank: no sync needed
         self.train_acc = PerCodebookMean(sync_on_compute=False)
         self.train_cb_loss = PerCodebookMean(sync_on_compute=False)
@@ -146,8 +159,17 @@ class EliseModule(pl.LightningModule):
             part.requires_grad_(False)
 
     def load_weights(self, state: Mapping[str, Tensor]) -> None:
-        """Copy CSM weights (``init_from``), strictly: a mismatch is an error, not a silent partial load."""
-        self.model.load_state_dict(dict(state), strict=True)
+        """Copy CSM weights (``init_from``), strictly: a mismatch is an error, not a silent partial load
+        (with LoRA: every base weight, the adapters keep their initialisation)."""
+        if self.lora is None:
+            self.model.load_state_dict(dict(state), strict=True)
+            return
+        missing, unexpected = self.model.load_state_dict(dict(state), strict=False)
+        missing = [k for k in missing if not is_lora_key(k)]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"base weights do not match: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -278,8 +300,18 @@ class EliseModule(pl.LightningModule):
         checkpoint["elise_tokens_seen"] = int(self.tokens_seen + self._pending_tokens * world)
         checkpoint["elise_rng"] = rng_state()
         checkpoint["elise_nonfinite"] = [self.skipped_steps, self.bad_streak]
+        if self.lora is not None:  # the adapters only: the base is found from hparams["lora_base"]
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_key(k)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved_base = (checkpoint.get("hyper_parameters") or {}).get("lora_base")
+        base = self.hparams.get("lora_base")
+        if self.lora is not None and saved_base and base and saved_base["sha256"] != base["sha256"]:
+            raise CheckpointError(
+                f"the checkpoint's adapters were trained on base {saved_base['path']} (sha256 "
+                f"{saved_base['sha256'][:12]}), not init_from={base['path']} (sha256 {base['sha256'][:12]})"
+            )
         self.tokenizer_json = checkpoint.get("elise_tokenizer_json", self.tokenizer_json)
         self.tokens_seen = int(checkpoint.get("elise_tokens_seen", 0))
         self.skipped_steps, self.bad_streak = (int(v) for v in checkpoint.get("elise_nonfinite", [0, 0]))

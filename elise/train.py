@@ -112,13 +112,35 @@ def resolve_tokenizer(cfg: DictConfig, model_cfg: dict, loaded: Any | None, run_
     return tokenizer, str(path)
 
 
+def lora_settings(cfg: DictConfig) -> dict[str, Any] | None:
+    """The ``lora`` group as a validated ``LoRAConfig`` dict (None without it); LoRA needs ``init_from``."""
+    from elise.model.lora import LoRAConfig
+
+    if not cfg.get("lora"):
+        return None
+    if not cfg.get("init_from"):
+        raise UserError("lora adapts existing weights: pass init_from=<transformers dir or elise .ckpt>")
+    try:
+        return LoRAConfig.from_dict(_container(cfg.lora)).to_dict()
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from err
+
+
 def build_module(
     cfg: DictConfig, model_cfg: dict, tokenizer: Any, spec: str, loaded: Any | None, datamodule: Any = None
 ) -> EliseModule:
     """The LightningModule: from scratch, or with the weights of ``init_from`` (a fresh schedule).
 
-    It records the codec identity and the datamodule's speaker map in its hparams."""
+    It records the codec identity and the datamodule's speaker map in its hparams; with ``lora``, the
+    adapter settings and ``init_from``'s path and sha256 (the base its checkpoints refer to)."""
+    from elise.checkpoints import weights_sha256
     from elise.codec import codec_identity
+
+    lora = lora_settings(cfg)
+    base = None
+    if lora:
+        path = Path(str(cfg.init_from)).expanduser().resolve()
+        base = {"path": str(path), "sha256": weights_sha256(path)}
 
     module = EliseModule(
         model=model_cfg,
@@ -131,7 +153,12 @@ def build_module(
         tokenizer_json=getattr(tokenizer, "json", None),
         codec=codec_identity(str(cfg.codec.name), _container(cfg.codec)),
         speakers=dict(getattr(datamodule, "speakers", None) or {}),
+        lora=lora,
+        lora_base=base,
     )
+    if lora:
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        log.info("lora: %d adapter parameters train (rank %d); base weights frozen", trainable, lora["rank"])
     if loaded is not None:
         module.load_weights(loaded.model.state_dict())
     return module
@@ -203,6 +230,7 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts; params stay fp32
     loaded, model_cfg = None, _container(cfg.model)
+    lora_settings(cfg)  # a bad lora group fails before data and weights load
     if cfg.get("init_from"):
         from elise.checkpoints import load_model
 

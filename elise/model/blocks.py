@@ -6,6 +6,7 @@ weights map one to one. The rotation is the "rotate half" convention transformer
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterator
 from typing import cast
@@ -74,6 +75,12 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) of this one, at position 0 (views: writes land here)."""
+        view = copy.copy(self)
+        view.k, view.v, view.pos = self.k[:, start:stop], self.v[:, start:stop], 0
+        return view
 
     def next_slots(self, s: int) -> Tensor:
         """The slots [s] the next ``s`` rows are written to."""
@@ -156,7 +163,8 @@ class Attention(nn.Module):
     ) -> Tensor:
         """x [B, S, D]. Without ``kv``: causal self-attention (or ``attn_mask`` [B, 1, S, S], True =
         attend). With ``kv`` (this layer's cache [B, KV, keys, hd] each): the new keys/values are written
-        to ``slots`` [S] and the queries attend to every slot under ``attn_mask`` [B or 1, 1, S, keys]."""
+        to ``slots`` [S] (or per row [B, S]) and the queries attend to every slot under ``attn_mask``
+        [B or 1, 1, S, keys]."""
         b, s, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, S, hd]
@@ -166,8 +174,13 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
             assert slots is not None, "a cached attention needs the slots it writes"
-            kv[0].index_copy_(2, slots, k)
-            kv[1].index_copy_(2, slots, v)
+            if slots.dim() == 2:  # per-row slots [B, S]: each row at its own cache position (serving)
+                rows = torch.arange(b, device=slots.device)[:, None]  # [B, 1]
+                kv[0][rows, :, slots] = k.transpose(1, 2)  # [B, S, KV, hd]
+                kv[1][rows, :, slots] = v.transpose(1, 2)
+            else:
+                kv[0].index_copy_(2, slots, k)
+                kv[1].index_copy_(2, slots, v)
             k, v = kv  # [B, KV, keys, hd]
         # no shape-dependent flag: is_causal only for the uncached, unmasked (training) pass; a cached
         # pass without a mask sees every key it is given (one row after the written slots)
@@ -295,7 +308,7 @@ class Transformer(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor | None
     ) -> Tensor:
         """The cached pass over tensors only: x [B, S, dim]; k, v [layers, B, KV, keys, hd] (written at
-        ``slots`` [S]); mask bool [B or 1, 1, S, keys] (None: every key) -> hidden [B, S, dim]."""
+        ``slots`` [S] or [B, S]); mask bool [B or 1, 1, S, keys] (None: every key) -> hidden [B, S, dim]."""
         for block, k_layer, v_layer in zip(self.blocks(), k.unbind(0), v.unbind(0), strict=True):
             x = block(x, cos, sin, (k_layer, v_layer), slots, mask)
         return self.norm(x)

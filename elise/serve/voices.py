@@ -1,0 +1,142 @@
+"""Voices: a voice is a prompt (reference codes + their transcript + a speaker id), or a speaker of the
+checkpoint (its name, or ``default``: ``speaker`` of the config without a reference).
+
+Uploaded voices are encoded once (``elise.synthesis.load_references``: the engine's checks and
+codec) and kept in ``voices_dir`` as ``<name>.json`` (transcript, speaker, codec identity) and
+``<name>.npy`` (int16 codes [32, T], read back with ``allow_pickle=False``: nothing is unpickled).
+Names are 1-64 letters, digits, ``_`` or ``-`` (never a path), so no file escapes ``voices_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from elise.synthesis import Segment, SynthesisError, Synthesizer, load_references
+
+log = logging.getLogger(__name__)
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+DEFAULT = "default"
+
+
+class VoiceError(ValueError):
+    """A bad voice request (a 400 or 404 for the client); ``status`` says which."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Voice:
+    name: str
+    speaker: int | str
+    context: list[Segment]
+    kind: str  # "speaker" (of the checkpoint) or "uploaded"
+    text: str = ""
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise VoiceError(
+            f"voice name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+class VoiceStore:
+    """The voices of one server: the checkpoint's speakers and the uploads kept in ``voices_dir``."""
+
+    def __init__(self, synth: Synthesizer, voices_dir: str | Path | None, max_seconds: float = 30.0):
+        self.synth, self.max_seconds = synth, max_seconds
+        self.dir = Path(voices_dir) if voices_dir else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.builtin = {DEFAULT: synth.settings.speaker, **{name: i for name, i in synth.speakers.items()}}
+
+    def names(self) -> list[dict]:
+        out = [{"name": n, "kind": "speaker"} for n in self.builtin]
+        if self.dir is not None:
+            for meta in sorted(self.dir.glob("*.json")):
+                if NAME.fullmatch(meta.stem) and meta.stem not in self.builtin:
+                    out.append({"name": meta.stem, "kind": "uploaded"})
+        return out
+
+    def _paths(self, name: str) -> tuple[Path, Path]:
+        assert self.dir is not None
+        return self.dir / f"{name}.json", self.dir / f"{name}.npy"
+
+    def get(self, name: str) -> Voice:
+        """The voice called ``name``; VoiceError (400) when there is none."""
+        if name in self.builtin:
+            return Voice(name, self.synth.speaker_id(self.builtin[name]), [], "speaker")
+        if self.dir is None or not NAME.fullmatch(str(name)):
+            raise VoiceError(f"unknown voice {name!r}; GET /v1/audio/voices lists them")
+        meta_path, codes_path = self._paths(name)
+        if not meta_path.is_file() or not codes_path.is_file():
+            raise VoiceError(f"unknown voice {name!r}; GET /v1/audio/voices lists them")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("codec") != self.codec_identity():
+            raise VoiceError(
+                f"voice {name!r} was encoded with another codec ({meta.get('codec')}); upload it again"
+            )
+        codes = torch.from_numpy(np.load(codes_path, allow_pickle=False).astype(np.int64))  # [32, T]
+        speaker = meta["speaker"]
+        return Voice(name, speaker, [Segment(meta["text"], speaker, codes)], "uploaded", meta["text"])
+
+    def codec_identity(self) -> str:
+        return str(self.synth.codec.identity)
+
+    def add(self, name: str, audio: bytes, text: str, speaker: int | str | None = None) -> Voice:
+        """Encode an uploaded clip (any format soundfile reads, 1 s to ``max_seconds``) and keep it."""
+        check_name(name)
+        if self.dir is None:
+            raise VoiceError("this server keeps no voices: start it with voices_dir=<folder>")
+        if name in self.builtin:
+            raise VoiceError(f"voice {name!r} is a speaker of the checkpoint; pick another name")
+        if not text or not text.strip():
+            raise VoiceError("the voice needs its transcript (the words spoken in the clip)")
+        try:
+            sid = self.synth.speaker_id(self.synth.settings.speaker if speaker in (None, "") else speaker)
+        except SynthesisError as err:
+            raise VoiceError(str(err)) from err
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "upload"
+            path.write_bytes(audio)
+            try:
+                segments = load_references(str(path), text, sid, self.synth.codec, self.max_seconds)
+            except SynthesisError as err:
+                raise VoiceError(str(err).replace(str(path), "the uploaded audio")) from err
+        seg = segments[0]
+        meta = {
+            "text": seg.text,
+            "speaker": sid,
+            "codec": self.codec_identity(),
+            "frames": int(seg.codes.shape[1]),
+        }
+        meta_path, codes_path = self._paths(name)
+        with self.lock:
+            np.save(codes_path, seg.codes.numpy().astype(np.int16), allow_pickle=False)
+            meta_path.write_text(json.dumps(meta), encoding="utf-8")
+        log.info("voice %s added (%d frames)", name, meta["frames"])
+        return Voice(name, sid, [seg], "uploaded", seg.text)
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        if name in self.builtin:
+            raise VoiceError(f"voice {name!r} is a speaker of the checkpoint; it cannot be deleted")
+        if self.dir is None or not self._paths(name)[0].is_file():
+            raise VoiceError(f"no voice {name!r}", status=404)
+        with self.lock:
+            for path in self._paths(name):
+                path.unlink(missing_ok=True)

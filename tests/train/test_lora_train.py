@@ -1,0 +1,224 @@
+"""LoRA fine-tuning end to end on a new voice made at test time (test-size model, codec=tiny, CPU):
+the loss goes down, the base stays bit-identical, the checkpoint holds the adapters + a hashed
+reference to its base, loads merged, resumes after SIGTERM, and refuses a different base."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from elise.checkpoints import CheckpointError, load_model, read_checkpoint, weights_sha256
+from elise.config import compose
+from elise.model.lora import is_lora_key
+from elise.train import train
+
+STEPS = 8
+LORA = [
+    "lora=default",
+    "lora.rank=4",
+    "lora.dropout=0.0",
+    "optim.lr=3e-2",
+    "optim.warmup_steps=2",
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=100",
+    "callbacks.checkpoint.every_n_train_steps=4",
+    "callbacks.checkpoint.save_last=true",
+    "callbacks.best=null",
+    "callbacks.audio_samples=null",
+]
+
+
+def run(run_dir: Path, overrides: list[str], callbacks=None) -> dict[str, float]:
+    cfg = compose("train", [*overrides, f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    return train(cfg, callbacks=callbacks)
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+class Final(pl.Callback):
+    """The CSM's weights at the end of training."""
+
+    def __init__(self):
+        self.state: dict[str, torch.Tensor] = {}
+
+    def on_train_end(self, trainer, module) -> None:
+        self.state = {k: v.clone() for k, v in module.model.state_dict().items()}
+
+
+def write_base(path: Path, fast_overrides: list[str]) -> Path:
+    """A random test-size model with random heads (zero heads would make every logit 0, whatever the
+    adapters do), saved as an elise checkpoint of the fast config's codec."""
+    from elise.codec import codec_identity
+    from elise.module import EliseModule
+
+    cfg = compose("train", fast_overrides)
+    torch.manual_seed(0)
+    model, codec = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "codec"))
+    module = EliseModule(model=model, codec=codec_identity(str(cfg.codec.name), codec))
+    with torch.no_grad():
+        module.model.codebook0_head.weight.normal_(std=0.3)
+        module.model.audio_head.normal_(std=0.3)
+    hp = dict(module.hparams)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hp, "global_step": 0}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def voice_run(tmp_path_factory, fast_overrides):
+    """LoRA from a random base on a 'new voice' (an LJSpeech folder of tones)."""
+    from testkit import lj_folder
+
+    tmp = tmp_path_factory.mktemp("lora")
+    base = write_base(tmp / "base.ckpt", fast_overrides)
+    voice = lj_folder(tmp / "voice", 6, seconds=0.8)
+    data = ["data=ljspeech", f"data.root={voice}", "data.val_count=1", f"init_from={base}"]
+    overrides = [*fast_overrides, *data, *LORA]
+    final = Final()
+    run(tmp / "run", overrides, [final])
+    return tmp, base, overrides, final.state
+
+
+def test_lora_lowers_the_loss_on_the_new_voice_and_leaves_the_base_bit_identical(voice_run):
+    tmp, base, _, final = voice_run
+    values = [float(v) for v in losses(tmp / "run").values()]
+    assert len(values) == STEPS
+    # measured: 17.64, 17.83, 17.32, ... 16.02, 15.54, 12.60 (mean of the first 3: 17.6, last 3: 14.7)
+    assert sum(values[-3:]) / 3 < 0.9 * sum(values[:3]) / 3 and values[-1] < 0.8 * values[0], values
+    start = load_model(base).model.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in start.items())  # every base tensor, bit for bit
+    assert any(is_lora_key(k) and v.abs().sum() > 0 for k, v in final.items())  # B moved off zero
+
+
+def test_checkpoint_holds_adapters_config_and_base_hash_and_loads_merged(voice_run):
+    tmp, base, _, final = voice_run
+    path = tmp / "run" / "checkpoints" / "last.ckpt"
+    ckpt = read_checkpoint(path)
+    assert ckpt["state_dict"] and all(is_lora_key(k) for k in ckpt["state_dict"])
+    hp = ckpt["hyper_parameters"]
+    assert hp["lora"] == {
+        "rank": 4,
+        "alpha": 32.0,
+        "dropout": 0.0,
+        "targets": ["backbone.attn", "backbone.mlp", "decoder.attn", "decoder.mlp"],
+    }
+    assert hp["lora_base"] == {"path": str(base.resolve()), "sha256": weights_sha256(base)}
+    assert path.stat().st_size < 0.5 * base.stat().st_size  # adapters + their Adam state only
+    loaded = load_model(path)
+    assert loaded.meta["lora"]["sha256"] == hp["lora_base"]["sha256"]
+    merged = loaded.model.state_dict()
+    assert not any(is_lora_key(k) for k in merged)
+    scale = 32.0 / 4
+    for key, w in merged.items():
+        if key.endswith("proj.weight"):  # W + (alpha / r) B A, from the trained adapters
+            stem = key[: -len("weight")]
+            expected = final[key] + scale * final[stem + "lora_B"] @ final[stem + "lora_A"]
+            torch.testing.assert_close(w, expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(w, final[key])
+
+
+def test_a_different_or_missing_base_is_a_one_line_error(voice_run, tmp_path):
+    tmp, base, _, _ = voice_run
+    path = tmp / "run" / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other.ckpt"
+    shutil.copy(base, other)
+    with open(other, "ab") as f:  # same weights, different bytes: a different file
+        f.write(b"\0")
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, base=other)
+    assert "\n" not in str(err.value) and "sha256" in str(err.value) and "pass base=" in str(err.value)
+    with pytest.raises(CheckpointError, match=r"is not found: pass base=") as err:
+        load_model(path, base=tmp_path / "gone.ckpt")
+    assert "\n" not in str(err.value)
+    shutil.copy(base, tmp_path / "copy.ckpt")  # the same bytes elsewhere: found by base=
+    assert load_model(path, base=tmp_path / "copy.ckpt").meta["lora"]["base"] == str(tmp_path / "copy.ckpt")
+
+
+class SigtermAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_adapters_and_resuming_reproduces_the_run(voice_run):
+    tmp, _, overrides, _ = voice_run
+    run_dir = tmp / "sigterm"
+    with pytest.raises(SystemExit) as exit_info:
+        run(run_dir, overrides, [SigtermAt(3)])
+    assert exit_info.value.code == 143
+    saved = read_checkpoint(run_dir / "checkpoints" / "sigterm-step0000003.ckpt")
+    assert all(is_lora_key(k) for k in saved["state_dict"]) and saved["optimizer_states"]
+    run(run_dir, [*overrides, "ckpt_path=last"])
+    assert losses(run_dir) == losses(tmp / "run")  # steps 0..7, bit for bit
+
+
+def test_nonfinite_steps_are_skipped_with_adapters(voice_run, monkeypatch):
+    """The guard sees the adapters' gradients: a NaN step changes no adapter."""
+    import dataclasses
+
+    from elise.module import EliseModule
+
+    tmp, _, overrides, _ = voice_run
+    real = EliseModule._loss
+
+    def loss(self, batch, fraction, generator):
+        out = real(self, batch, fraction, generator)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if self.global_step == 2 else out
+
+    monkeypatch.setattr(EliseModule, "_loss", loss)
+    seen = {}
+
+    class Adapters(pl.Callback):
+        def on_train_batch_end(self, trainer, module, *args) -> None:
+            seen[trainer.global_step] = {
+                k: v.clone() for k, v in module.model.state_dict().items() if is_lora_key(k)
+            }
+
+    metrics = run(tmp / "nan", [*overrides, "trainer.max_steps=4"], [Adapters()])
+    assert metrics["train/skipped_steps"] == 1
+    assert all(torch.equal(seen[3][k], seen[2][k]) for k in seen[2])
+    assert not all(torch.equal(seen[4][k], seen[3][k]) for k in seen[3])
+
+
+def test_voice_experiment_composes_lora_on_a_required_base():
+    cfg = compose("train", ["experiment=voice"])
+    assert cfg.require_init_from and cfg.init_from is None and cfg.model.name == "marvis_250m"
+    assert cfg.lora.rank == 16 and list(cfg.lora.targets) == [
+        "backbone.attn",
+        "backbone.mlp",
+        "decoder.attn",
+        "decoder.mlp",
+    ]
+    assert cfg.loss.decoder_fraction == 1.0
+    assert compose("train", []).get("lora") is None  # off unless asked for
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["lora=default"], "lora adapts existing weights: pass init_from="),
+        (["lora=default", "init_from=x.ckpt", "lora.targets=[encoder.attn]"], "not <stack>.<part>"),
+    ],
+)
+def test_lora_user_errors_are_one_line_exit_2(fast_overrides, tmp_path, capsys, extra, expected):
+    from elise.train import main as train_main
+
+    cfg = compose("train", [*fast_overrides, *extra, f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(cfg)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and expected in err and "\n" not in err
