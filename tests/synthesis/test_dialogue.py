@@ -12,16 +12,17 @@ import pytest
 import soundfile as sf
 import torch
 from test_synthesize import config
+from testkit import tone
 
 import elise.synthesis.engine as engine
 from elise.cli import verbatim_args
 from elise.codec import build_codec
 from elise.config import compose
+from elise.evaluate.sources import Skipped, read_audio_items
 from elise.layout import EOS_CODE, NUM_CODEBOOKS
 from elise.synthesis import Segment, Settings, SynthesisError, Synthesizer, build_prompt
 from elise.synthesis.dialogue import converse, encode_voices, parse_script, read_scripts, read_voices
 from elise.synthesize import main, run
-from testkit import tone
 
 SPF, SR = 1920, 24_000
 SCRIPT = """# two speakers
@@ -133,6 +134,9 @@ def test_two_speakers_timeline_joined_wav_and_turn_files(tiny_ckpt, tmp_path, vo
         np.testing.assert_array_equal(joined[start : start + piece.shape[0]], piece)
         assert np.load((out / t["wav"]).with_suffix(".codes.npy")).shape == (NUM_CODEBOOKS, t["frames"])
     assert [t["context"] for t in turns] == [[], [1], [1, 2]]
+    # python -m elise.evaluate audio=<out>/turns scores the turns: each wav has its text beside it
+    items = read_audio_items(out / "turns", Skipped())
+    assert [(Path(i.wav).name, i.text) for i in items] == [(Path(t["wav"]).name, t["text"]) for t in turns]
 
 
 def test_same_seed_same_conversation(tiny_ckpt, tmp_path, voices):
