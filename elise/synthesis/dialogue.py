@@ -29,7 +29,7 @@ from elise.synthesis.engine import Request, Synthesizer, resolve_speaker
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.prompt import Segment, check_references, load_references
 from elise.synthesis.text import max_frames, normalize
-from elise.text import encode_prompt
+from elise.text import Tokenizer, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,6 @@ class TurnResult:
     context: list[int]  # the turns (numbers) in its prompt, oldest first
     dropped: int  # earlier turns left out for room (not counting context_turns)
     prompt_rows: int  # rows of its first piece's prompt
-    max_frames: int  # its longest piece's frame limit
     seed: int
 
     def timeline(self) -> dict[str, Any]:
@@ -293,7 +292,6 @@ class Plan:
     dropped: int
     need: int  # text rows + frame limit of its largest piece
     text_rows: int  # of its first piece
-    max_frames: int
     seed: int
 
     def context(self) -> list[Segment]:
@@ -349,7 +347,7 @@ def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], pau
             turn=len(conv.turns) + 1, line=p.turn.line, speaker=p.turn.speaker, speaker_id=p.speaker,
             text=p.turn.text, audio=res.audio, codes=res.codes, eos=all(res.eos), start=start,
             end=start + res.audio.numel() / sr, context=[n for n, _ in p.kept], dropped=p.dropped,
-            prompt_rows=_rows(synth, p.context()) + p.text_rows, max_frames=p.max_frames, seed=p.seed,
+            prompt_rows=_rows(synth, p.context()) + p.text_rows, seed=p.seed,
         )  # fmt: skip
         conv.turns.append(turn)
         if res.codes.shape[1] > 0:
@@ -368,7 +366,7 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
     prompts = [seg for name in names if name in voices for seg in voices[name].prompt]
     pieces = synth.pieces(Request(turn.text))
     limits = [max_frames(p, s.max_audio_seconds, s.bound) for p in pieces]
-    text_rows = [len(encode_prompt(synth.tokenizer, p, speaker)) for p in pieces]  # type: ignore[arg-type]
+    text_rows = [len(encode_prompt(_tokenizer(synth), p, speaker)) for p in pieces]
     need = max(r + n for r, n in zip(text_rows, limits, strict=True))
     fixed = _rows(synth, prompts) + need
     if fixed > synth.max_len:
@@ -376,17 +374,13 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
             f"{conv.script.source} line {turn.line}: the voice prompts and this turn need {fixed} of the "
             f"model's {synth.max_len} positions; use shorter voice clips or split the turn"
         )
-    history = (
-        conv.history if context_turns is None else conv.history[max(0, len(conv.history) - context_turns) :]
-    )
-    history = history if context_turns != 0 else []
+    latest = len(conv.history) if context_turns is None else context_turns
+    history = conv.history[max(0, len(conv.history) - latest) :]
     kept = list(history)
     while kept and fixed + _rows(synth, [seg for _, seg in kept]) > synth.max_len:
         kept.pop(0)
     seed = int(s.seed) + SEED_STRIDE * c + k + 1
-    return Plan(
-        c, turn, speaker, prompts, kept, len(history) - len(kept), need, text_rows[0], max(limits), seed
-    )
+    return Plan(c, turn, speaker, prompts, kept, len(history) - len(kept), need, text_rows[0], seed)
 
 
 def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
@@ -407,10 +401,16 @@ def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
 
 def _rows(synth: Synthesizer, segments: list[Segment]) -> int:
     """Prompt rows of context segments: text rows, audio rows and the EOS row each."""
-    tok = synth.tokenizer
+    tok = _tokenizer(synth)
     return sum(
         len(encode_prompt(tok, seg.text, seg.speaker)) + int(seg.codes.shape[1]) + 1 for seg in segments
-    )  # type: ignore[arg-type]
+    )
+
+
+def _tokenizer(synth: Synthesizer) -> Tokenizer:
+    if synth.tokenizer is None:
+        raise SynthesisError("a conversation needs the model's tokenizer (this Synthesizer has none)")
+    return synth.tokenizer
 
 
 def _log_context(script: Script, k: int, plan: Plan, max_len: int) -> None:

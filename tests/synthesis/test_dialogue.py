@@ -166,6 +166,7 @@ def test_turn_prompts_hold_the_voices_and_previous_turns(tiny_ckpt, voices, monk
     encode_voices(vs, s.codec)
     [conv] = converse(s, [parse_script(SCRIPT)], vs)
     voice_prompt = vs["alice"].prompt + vs["bob"].prompt
+    assert conv.audio(torch.zeros(7)).numel() == 3 * 5 * SPF + 2 * 7  # turns joined by the pause
     assert len(prompts) == 3 and all(t.codes.shape == (NUM_CODEBOOKS, 5) for t in conv.turns)
     for k, turn in enumerate(conv.turns):
         previous = [Segment(t.text, t.speaker_id, t.codes) for t in conv.turns[:k]]
