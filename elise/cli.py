@@ -32,7 +32,7 @@ VERBATIM_KEYS = frozenset(
     {
         "text", "reference_text", "text_file", "reference_audio", "output", "output_dir", "ckpt",
         "ckpt_path", "init_from", "out", "codec_config", "run_dir", "metrics_out", "data.path",
-        "data.root", "codec.weights", "hydra.run.dir", "voices_dir", "api_key",
+        "data.root", "codec.weights", "hydra.run.dir", "voices_dir", "api_key", "base",
     }
 )  # fmt: skip
 TEXT_KEYS = frozenset({"text", "reference_text"})  # "null" typed here is a sentence, not None

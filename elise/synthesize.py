@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         _log_to(paths[0].parent)  # the new outputs/synth/<time> (claimed by output_paths)
 
     t0 = time.perf_counter()
-    loaded = load(cfg.ckpt, device)
+    loaded = load(cfg.ckpt, device, cfg.get("base"))
     resolve_speaker(settings.speaker, loaded.speakers)  # an unknown speaker fails before the codec loads
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
     codec_node = cfg.get("codec")  # absent when no codec= is given: the checkpoint's own
