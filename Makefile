@@ -7,7 +7,7 @@ MOSHI := moshi==0.2.13
 RESEMBLYZER := resemblyzer==0.1.4  # offline speaker embeddings (elise.evaluate); deps in the eval extra
 export PYTHONHASHSEED := 0
 
-.PHONY: help install lock conda demo test test-full lint bench clean
+.PHONY: help install lock conda demo test test-full test-browser lint bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -44,9 +44,12 @@ test: install  ## fast test tier (CPU, offline), one worker per core
 test-full: install  ## every test, slow tier included
 	$(BIN)/python -m pytest -q -n auto -m "" tests
 
+test-browser: install  ## the server's page in the system Chromium (apt install chromium); screenshot in outputs/
+	ELISE_BROWSER_OUT=outputs/test-browser $(BIN)/python -m pytest -q -m browser tests/serve
+
 lint: install  ## ruff + mypy
-	$(BIN)/ruff check elise tests train.py synthesize.py
-	$(BIN)/ruff format --check elise tests train.py synthesize.py
+	$(BIN)/ruff check elise tests train.py synthesize.py serve.py
+	$(BIN)/ruff format --check elise tests train.py synthesize.py serve.py
 	$(BIN)/mypy elise
 
 bench: install  ## speed figures (see BENCHMARKS.md); make bench ARGS="part=synth quick=true"

@@ -39,7 +39,13 @@ def run(cfg: DictConfig) -> PreparedData:
     tokenizer = build_tokenizer(cfg.get("tokenizer"))
     opts = to_dict(cfg.get("prepare") or {})
     shard, num_shards = slice_of(opts)
-    codec = None if cfg.data.get("source") == "codes" else build_codec(**to_dict(cfg.codec))
+    if cfg.data.get("source") == "codes":
+        from elise.data.codes import prepare_codes
+
+        data = prepare_codes(cfg.data, tokenizer, progress=True)
+        print(f"index of the pre-encoded codes: {data.index}")
+        return data
+    codec = build_codec(**to_dict(cfg.codec))
     workers = int(opts.get("num_workers") or 0)
     data = prepare(
         cfg.data, codec, tokenizer, progress=True, num_workers=workers, shard=shard, num_shards=num_shards

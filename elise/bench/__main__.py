@@ -1,4 +1,4 @@
-"""``python -m elise.bench [part=all|synth|train|data|gpu] [quick=true] [threads=N] [out=PATH]``
+"""``python -m elise.bench [part=all|synth|train|data|gpu|serve] [quick=true] [threads=N] [out=PATH]``
 (keys: ``elise/conf/bench.yaml``, run through ``elise.cli``).
 
 Prints a table per part and merges the figures into ``outputs/bench/bench_results.json``
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from elise.bench.common import machine_info, set_threads, table, write_json
 from elise.errors import exit_with
 
-PARTS = ("synth", "train", "data", "gpu")
+PARTS = ("synth", "train", "data", "gpu", "serve")
 
 
 def quiet() -> None:
@@ -50,6 +50,9 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
             f"\nmemory read bandwidth {res['bandwidth_gbs']:.1f} GB/s; bound fp32 {bound[0]['bound_s']:.3f} s/frame "
             f"(elise reaches {bound[0]['fraction']:.0%}), int8 {bound[1]['bound_s']:.3f} s/frame "
             f"({bound[1]['fraction']:.0%})\nint8 vs fp32 codes: {res['int8_agreement']}\n"
+            f"int4 vs fp32 codes: {res['int4_agreement']}\nbf16 vs fp32 codes: {res['bf16_agreement']}\n"
+            f"kernel choice (quantize=auto) on this machine: {res['kernel_choice']['reason']}\n"
+            f"{res['kernel_choice']['table']}\n"
         )
         text += table([{"case": k, **v} for k, v in res["batch"].items()],
                       ["case", "per_frame_s", "total_frames_per_s", "vs_b1"])  # fmt: skip
@@ -66,6 +69,13 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
 
         res = bench_data(quick)
         return res, table(data_rows(res), ["case", "audio s/s", "s"])
+    if part == "serve":
+        from elise.bench.serve import bench_serve, serve_rows
+
+        res = bench_serve(quick)
+        cols = ["case", "max_batch", "clients", "audio_s_per_s", "vs max_batch=1", "ttfb_p50", "ttfb_p95",
+                "latency_p50", "latency_p95"]  # fmt: skip
+        return res, table(serve_rows(res), cols)
     from elise.bench.gpu import bench_gpu
 
     res = bench_gpu(quick)

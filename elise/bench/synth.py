@@ -1,12 +1,13 @@
 """Synthesis speed: elise vs transformers ``CsmForConditionalGeneration.generate`` on the same random
 weights, CPU; per-frame time, RTF (a Mimi frame is 80 ms of audio), the memory-bandwidth bound,
-int8, and batch throughput."""
+int8 / int4 / bf16 matmuls, the per-machine kernel choice (``quantize=auto``), and batch throughput."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,8 @@ from elise.bench.common import alternate, median, memory_bandwidth
 from elise.generate import FrameGenerator, SamplingConfig, generate
 from elise.layout import NUM_CODEBOOKS, segment_rows
 from elise.model import CSM, build_model
-from elise.model.quant import quantize_int8
+from elise.model.kernels import choose_kernels
+from elise.model.quant import INT4_GROUP, quantize
 
 FRAME_SECONDS = 0.08  # 1920 samples at 24 kHz
 GREEDY = SamplingConfig(temperature=1.0, top_k=1)
@@ -166,8 +168,17 @@ def bench_synth(
     plain = fast_state(model)
     model.fuse()
     fused = fast_state(model)
-    quantize_int8(model)
-    int8 = fast_state(model)
+    # the kernel choice quantize=auto makes on this machine (timed fresh: no cache), its reasons
+    cache = tempfile.mkdtemp(prefix="elise_kernels_")
+    choice = choose_kernels(model, cache=Path(cache) / "kernels.json")
+    res["kernel_choice"] = {"mode": choice.mode, "reason": choice.reason, "table": choice.table(),
+                            "timings_s": choice.timings, "probe_errors": choice.errors}  # fmt: skip
+    shutil.rmtree(cache, ignore_errors=True)
+    states = {"fp32": fused}
+    for mode in ("int8", "int4", "bf16"):
+        set_fast_state(fused)
+        quantize(model, mode)
+        states[mode] = fast_state(model)
 
     def run(state, batch=1, n=frames):
         def case() -> float:
@@ -176,7 +187,8 @@ def bench_synth(
 
         return case
 
-    cases = {"elise_fp32": run(fused), "elise_fp32_unfused": run(plain), "elise_int8": run(int8)}
+    cases = {"elise_fp32": run(fused), "elise_fp32_unfused": run(plain)}
+    cases.update({f"elise_{mode}": run(states[mode]) for mode in ("int8", "int4", "bf16")})
     if ref is not None:
         produced: list[int] = []
 
@@ -198,7 +210,8 @@ def bench_synth(
             k: t_ref / v for k, v in per_frame.items() if k != "transformers_fp32"
         }
 
-    for name, width in (("fp32", 4.0), ("int8", 1.0)):
+    # bytes per weight: int8 + fp32 scale per row (~0), int4 + bf16 scale and offset per group
+    for name, width in (("fp32", 4.0), ("int8", 1.0), ("int4", 0.5 + 4 / INT4_GROUP), ("bf16", 2.0)):
         b = weight_bytes_per_frame(model, width)
         bound = b / (res["bandwidth_gbs"] * 1e9)
         res[f"bound_{name}"] = {
@@ -207,19 +220,20 @@ def bench_synth(
             "fraction": bound / per_frame[f"elise_{name}"],
         }
 
-    # int8 codes vs fp32: free-running and teacher-forced agreement (fused fp32 rounds differently
-    # from the unfused matmuls: near-ties may flip, so its agreement is reported too)
+    # int8 / int4 / bf16 codes vs fp32: free-running and teacher-forced agreement (fused fp32 rounds
+    # differently from the unfused matmuls: near-ties may flip, so its agreement is reported too)
     set_fast_state(plain)
     plain_codes = elise_codes(model, tokens, mask, frames)
     set_fast_state(fused)
     fp32_codes = elise_codes(model, tokens, mask, frames)
     res["fused_frames_equal_unfused"] = float((fp32_codes == plain_codes).all(0).float().mean())
-    set_fast_state(int8)
-    int8_codes = elise_codes(model, tokens, mask, frames)
-    res["int8_agreement"] = {
-        "free_running_frames_equal": float((int8_codes == fp32_codes).all(0).float().mean()),
-        **teacher_forced_agreement(model, tokens, mask, fp32_codes),
-    }
+    for mode in ("int8", "int4", "bf16"):
+        set_fast_state(states[mode])
+        codes = elise_codes(model, tokens, mask, frames)
+        res[f"{mode}_agreement"] = {
+            "free_running_frames_equal": float((codes == fp32_codes).all(0).float().mean()),
+            **teacher_forced_agreement(model, tokens, mask, fp32_codes),
+        }
     if ref is not None:
         # same weights, same greedy decisions: elise's codes must be transformers' codes
         n_eq = min(4, plain_codes.shape[1])
@@ -230,9 +244,9 @@ def bench_synth(
             )[0].t()  # fmt: skip
         res["codes_equal_transformers"] = bool(torch.equal(ref_codes, plain_codes[:, :n_eq]))
 
-    # batch throughput: total frames/s at batch B vs batch 1 (fp32 and int8)
+    # batch throughput: total frames/s at batch B vs batch 1 (fp32, int8, int4, bf16)
     batch_cases = {}
-    for name, state in (("fp32", fused), ("int8", int8)):
+    for name, state in states.items():
         for b in (1, *batches):
             batch_cases[f"{name}_b{b}"] = run(state, b, max(4, frames // 2))
     btimes = {k: median(v) for k, v in alternate(batch_cases, max(1, reps - 1), warmup=0).items()}

@@ -96,6 +96,10 @@ class EliseDataModule(pl.LightningDataModule):
         return build_codec(**codec_kwargs)
 
     def _prepare(self, progress: bool) -> PreparedData:
+        if self.data_cfg is not None and self.data_cfg.get("source") == "codes":
+            from elise.data.codes import prepare_codes
+
+            return prepare_codes(self.data_cfg, self.tokenizer, progress=progress)
         from elise.data.prepare import prepare
 
         strict = bool(_get(self.data_cfg, "strict"))
@@ -107,11 +111,16 @@ class EliseDataModule(pl.LightningDataModule):
         cfg = self.data_cfg if self.data_cfg is not None else {}
         if cfg.get("source") != "codes" and _get(cfg, "store") != "shards":
             return False
-        from elise.data.prepare import find_index
+        if cfg.get("source") == "codes":
+            from elise.data.codes import codes_index_path
 
-        path = self.index_file or find_index(self.data_cfg, self._codec(), self.tokenizer)
+            path = self.index_file or codes_index_path(cfg, self.tokenizer)
+        else:
+            from elise.data.prepare import find_index
+
+            path = self.index_file or find_index(self.data_cfg, self._codec(), self.tokenizer)
         assert path is not None
-        if not path.is_file():  # setup without prepare_data (tests, notebooks): prepare now
+        if not path.with_suffix(".json").is_file():  # setup without prepare_data (tests, notebooks)
             path = self._prepare(progress=False).index
         assert path is not None
         index = ClipIndex(path)

@@ -25,7 +25,7 @@ from elise.config import conf_defaults, group_options
 from elise.data.audio import TARGET_SR, AudioError
 from elise.data.cache import AudioInfo, CodeCache, decode_job, source_fingerprint
 from elise.data.items import Example, PreparedData
-from elise.data.shards import ShardStore, write_index
+from elise.data.shards import ShardStore, index_batch, write_index
 from elise.data.sources import RawItem, load_items, speaker_id, speaker_map
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
@@ -102,10 +102,6 @@ def prepare(
     """
     start = time.perf_counter()
     cfg = data_settings(data_cfg)
-    if cfg["source"] == "codes":
-        from elise.data.codes import prepare_codes
-
-        return prepare_codes(cfg, tokenizer, progress=progress)
     shard, num_shards = int(shard), int(num_shards)
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"prepare.shard must be in [0, prepare.num_shards), got {shard} of {num_shards}")
@@ -165,10 +161,6 @@ def index_path(cache_dir: str | Path, name: str) -> Path:
 def find_index(data_cfg: Mapping[str, Any] | Any, codec: Codec | None, tokenizer: Tokenizer) -> Path | None:
     """Where ``prepare`` writes the clip index of this data (None: the npy store has none)."""
     cfg = data_settings(data_cfg)
-    if cfg["source"] == "codes":
-        from elise.data.codes import codes_index_path
-
-        return codes_index_path(cfg, tokenizer)
     if str(cfg.get("store") or "npy") != "shards":
         return None
     assert codec is not None
@@ -236,12 +228,13 @@ def _finish(
     if shards:
         files = sorted({r["file"] for r in kept})
         number = {f: i for i, f in enumerate(files)}
-        rows = (
+        rows = [
             {**r, "val": splits[r["id"]] == "val", "file": number[r["file"]], "source": r["src"]}
             for r in kept
-        )
+        ]
         index = index_path(cache.root, name)
-        write_index(index, rows, [f"shards/{f}" for f in files], {"report": report})
+        batches = (index_batch(rows[i : i + 65536]) for i in range(0, len(rows), 65536))
+        write_index(index, batches, {"files": [f"shards/{f}" for f in files], "report": report})
     _write_json(cache.root / "prepare_report.json", report)
     if progress:
         print_report(report)

@@ -6,7 +6,7 @@ Shards (``<cache_dir>/shards/<writer>-<seq>.arrow``): rows ``key`` (the content 
 the end), to a temporary name then renamed, so a kill leaves whole shards or none: the keys in the
 finished shards are the only resume state. Each writer (one per prepare slice) has its own prefix.
 
-Index (``<cache_dir>/index-<name>.arrow``): one row per kept clip: id, text, speaker, group, val,
+Index (``<cache_dir>/index-<name>.arrow`` + ``.json``): one row per kept clip: id, text, speaker, group, val,
 text_ids, frames, rows (text + audio + EOS rows, what the batch sampler budgets), seconds, source,
 and where its codes are (``file``: a number into the index's file list, ``row``). The index and the
 shards are memory-mapped: opening them reads nothing but the columns a caller touches, so a
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,6 @@ from elise.data.cache import CodeCache
 from elise.layout import NUM_CODEBOOKS
 
 SHARD_SCHEMA = pa.schema([("key", pa.string()), ("frames", pa.int32()), ("codes", pa.binary())])
-INDEX_META = b"elise"
 
 
 def write_ipc(path: Path, table: pa.Table) -> None:
@@ -45,8 +44,14 @@ def write_ipc(path: Path, table: pa.Table) -> None:
 
 
 def read_ipc(path: str | Path) -> pa.Table:
-    """A memory-mapped Arrow IPC file as a table (zero-copy: pages are read when touched)."""
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    """A memory-mapped Arrow IPC file (file or stream format, as ``datasets`` writes) as a table;
+    zero-copy: pages are read when touched."""
+    source = pa.memory_map(str(path), "r")
+    try:
+        return pa.ipc.open_file(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_stream(source).read_all()
 
 
 class ShardStore(CodeCache):
@@ -184,18 +189,28 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def write_index(path: Path, records: Iterable[dict], files: Sequence[str], meta: dict | None = None) -> None:
-    """Write the index of a prepared set (records: the INDEX_SCHEMA fields except ``rows``)."""
-    cols: dict[str, list] = {f.name: [] for f in INDEX_SCHEMA}
-    for r in records:
-        for name in cols:
-            if name == "rows":
-                cols[name].append(len(r["text_ids"]) + int(r["frames"]) + 1)
-            else:
-                cols[name].append(r.get(name))
-    table = pa.table({n: pa.array(v, INDEX_SCHEMA.field(n).type) for n, v in cols.items()})
-    info = {"files": list(files), "column": "codes", "layout": "bytes", **(meta or {})}
-    write_ipc(path, table.replace_schema_metadata({INDEX_META: json.dumps(info).encode("utf-8")}))
+def index_batch(records: Sequence[dict]) -> pa.RecordBatch:
+    """Index rows from records holding the INDEX_SCHEMA fields except ``rows``."""
+    cols = {f.name: [r.get(f.name) for r in records] for f in INDEX_SCHEMA if f.name != "rows"}
+    cols["rows"] = [len(r["text_ids"]) + int(r["frames"]) + 1 for r in records]
+    return pa.RecordBatch.from_pydict(cols, schema=INDEX_SCHEMA)
+
+
+def write_index(path: Path, batches: Iterable[pa.RecordBatch], meta: dict | Callable[[], dict]) -> None:
+    """Write a clip index: the rows (streamed batch by batch, atomically) then ``<path>.json``
+    (``meta``, or a function called after the batches: ``files`` (paths relative to the index's folder, or absolute), ``column``,
+    ``layout``, ``report``), whose presence says the index is whole."""
+    side = path.with_suffix(".json")
+    side.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, INDEX_SCHEMA) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    os.replace(tmp, path)
+    info = {"column": "codes", "layout": "bytes", **(meta() if callable(meta) else meta)}
+    tmp_side = side.with_name(f".{side.name}.{os.getpid()}.tmp")
+    tmp_side.write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp_side, side)
 
 
 class ClipIndex:
@@ -212,7 +227,7 @@ class ClipIndex:
     def table(self) -> pa.Table:
         if self._table is None:
             self._table = read_ipc(self.path)
-            self._meta = json.loads(self._table.schema.metadata[INDEX_META])
+            self._meta = json.loads(Path(self.path).with_suffix(".json").read_text(encoding="utf-8"))
             base = Path(self.path).parent
             self._files = [str(base / f) if not os.path.isabs(f) else f for f in self._meta["files"]]
         return self._table

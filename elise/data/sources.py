@@ -9,6 +9,7 @@ Audio is not decoded here: an item holds a file path, or a loader that returns e
 - ``ljspeech``: ``data.root`` with ``metadata.csv`` (``id|text``, ``id|speaker|text`` or LJSpeech's
   ``id|text|normalized_text``) and ``wavs/<id>.wav``.
 - ``manifest``: a JSONL file (``audio``, ``text``, optional ``speaker`` / ``id`` / ``group``), ``data.path``.
+- ``folder``: a folder of recordings, cut at pauses and transcribed into a manifest (``elise.data.folder``).
 - ``sample``: the clips bundled in ``elise/assets/sample`` (read as ``ljspeech``; works offline).
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SOURCES = ("elise", "ljspeech", "manifest", "sample")
+SOURCES = ("elise", "ljspeech", "manifest", "folder", "sample")
 DEFAULT_HF_NAME = "Jinsaryko/Elise"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 _SPEAKER_TOKEN = re.compile(r"^[\w.\-]{1,64}$")
@@ -79,6 +80,10 @@ def load_items(cfg: Mapping[str, Any]) -> list[RawItem]:
         items = read_ljspeech(_required(cfg, "root", source), cfg.get("speaker_column", "auto"))
     elif source == "manifest":
         items = read_manifest(_required(cfg, "path", source))
+    elif source == "folder":
+        from elise.data.folder import read_folder
+
+        items = read_folder(cfg)
     elif source == "elise":
         items = read_hf(cfg.get("name") or DEFAULT_HF_NAME, cfg.get("path"), cfg.get("split") or "train")
     else:

@@ -1,6 +1,6 @@
-"""Int8 weights for CSM inference on CPU (a frame is bound by weight reads).
+"""Low-bit and bf16 weights for CSM inference on CPU (a frame is bound by weight reads).
 
-Each projection's weight is stored as int8 with one fp32 scale per output channel (symmetric,
+int8: each projection's weight is stored as int8 with one fp32 scale per output channel (symmetric,
 absmax / 127). Single-frame steps (a few rows) run ``torch.ops.aten._weight_int8pack_mm``, which
 reads the int8 weight directly; its CPU kernel is fast with bf16 activations (measured on the
 AMD EPYC dev box, 2 threads: ~25 GB/s of int8, ~5x the fp32 matrix-vector product), and slow with
@@ -9,21 +9,38 @@ attention and sampling stay fp32). Longer inputs (the prompt prefill, large batc
 activations too, per row and on the fly, and multiply int8 by int8 with ``torch._int_mm`` (int32
 accumulation); no weight is ever dequantized (64 x 1024 x 3072, 1 thread: 9.9 ms against 79 ms for
 dequantize + fp32 matmul). What did not help here: torchao int8 weight-only, ``quantize_dynamic``
-(fbgemm/onednn/qnnpack: 3-6 GB/s at batch 1), ``_weight_int4pack_mm_for_cpu``.
+(fbgemm/onednn/qnnpack: 3-6 GB/s at batch 1).
 
-``quantize_int8(model)`` attaches the int8 matmuls as inference-only replacements (used when
-gradients are off); the fp32 parameters, their names and the state_dict are left unchanged.
+int4: asymmetric 4-bit weights with one bf16 scale and offset per group of ``INT4_GROUP`` input
+channels, through torch's packed int4 kernels (``_weight_int4pack_mm_for_cpu`` on CPU,
+``_weight_int4pack_mm`` on CUDA) with bf16 activations (fp32 activations: 27x slower on CPU).
+Measured on the AMD EPYC box, 1 thread, 8192 x 1024: 1 row 0.77 ms (fp32 3.8 ms, int8 2.5 ms).
+
+bf16: bf16 weights with bf16 activations for the product (``F.linear``): where the CPU has bf16
+matrix units (AMX, avx512_bf16) the multi-row products (prefill, serving batches) run 3-5x fp32.
+
+``quantize(model, "int8" | "int4" | "bf16")`` attaches the replacements as inference-only matmuls
+(used when gradients are off); the fp32 parameters, their names and the state_dict are unchanged.
+``elise.model.kernels`` times them per machine and picks one (``quantize=auto``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from elise.model.csm import CSM
 
 # above this many rows int8 x int8 (``torch._int_mm``) is faster than the int8 matrix-vector kernel
 MAX_INT8_ROWS = 16
+# int4: input channels sharing one scale and offset (K must be a multiple: every preset's widths are)
+INT4_GROUP = 32
+# the packed int4 kernels want the output channels in multiples of 16 (zero rows are added, then cut)
+INT4_ROWS = 16
+MODES = ("int8", "int4", "bf16")
 
 
 def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,35 +79,100 @@ def int8_activation_mm(x: Tensor, q: Tensor, scales: Tensor) -> Tensor:
     return torch._int_mm(xq, q.t()).float() * x_scales * scales  # [M, N]
 
 
-class Int8Heads:
-    """The 31 per-codebook decoder heads [31, Dd, V] as int8 matrices [V, Dd] (scales per code id)."""
+def quantize_int4_weight(w: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor]:
+    """w [N, K] float -> (codes int32 [N, K] in 0..15, scales_and_zeros [K / group, N, 2] fp32) with
+    w ~= (codes - 8) * scale + zero per group of ``group`` input channels (torch's int4 convention)."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"int4: {k} input channels are not a multiple of the group size {group}")
+    wg = w.detach().float().reshape(n, k // group, group)  # [N, G, group]
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)  # [N, G, 1]
+    scale = (hi - lo).clamp(min=1e-12) / 15
+    codes = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8 * scale
+    return codes, torch.cat([scale, zero], -1).transpose(0, 1).contiguous()  # [G, N, 2]
 
-    def __init__(self, audio_head: Tensor):
-        self.heads = [Int8Matmul([audio_head[k].t()]) for k in range(audio_head.shape[0])]
+
+class Int4Matmul:
+    """``x @ W.T`` for a group-wise int4 weight W [N, K] (a drop-in for a bias-free Linear); products
+    in bf16, returned in ``x``'s dtype."""
+
+    def __init__(self, weights: list[Tensor], group: int = INT4_GROUP):
+        w = torch.cat([w.detach() for w in weights])  # [N, K]
+        self.n, self.group, self.cuda = w.shape[0], group, w.is_cuda
+        pad = -self.n % INT4_ROWS
+        codes, sz = quantize_int4_weight(F.pad(w, (0, 0, 0, pad)), group)  # [N', K], [G, N', 2]
+        self.scales_zeros = sz.to(torch.bfloat16)
+        if self.cuda:  # the CUDA kernel packs two codes per byte first, 8 inner k-tiles
+            packed = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)  # [M, K]
+        mm = torch.ops.aten._weight_int4pack_mm if self.cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
+        out = mm(x2, self.packed, self.group, self.scales_zeros)[:, : self.n]  # [M, N]
+        return out.to(x.dtype).view(*shape[:-1], -1)
+
+
+class Bf16Matmul:
+    """``x @ W.T`` with a bf16 copy of W [N, K] and bf16 activations (fp32 out for fp32 ``x``)."""
+
+    def __init__(self, weights: list[Tensor]):
+        self.w = torch.cat([w.detach() for w in weights]).to(torch.bfloat16).contiguous()  # [N, K]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
+
+
+MATMULS: dict[str, Callable[[list[Tensor]], Callable[[Tensor], Tensor]]] = {
+    "int8": Int8Matmul,
+    "int4": Int4Matmul,
+    "bf16": Bf16Matmul,
+}
+
+
+class Heads:
+    """The 31 per-codebook decoder heads [31, Dd, V] as one matmul each on [V, Dd]."""
+
+    def __init__(self, audio_head: Tensor, make: Callable[[list[Tensor]], Callable[[Tensor], Tensor]]):
+        self.heads = [make([audio_head[k].t()]) for k in range(audio_head.shape[0])]
 
     def __call__(self, x: Tensor, k: int) -> Tensor:
         return self.heads[k](x)  # [B, V]
 
 
-def quantize_int8(model: CSM) -> CSM:
-    """Int8 weight-only matmuls for every projection of both stacks (q/k/v and gate/up fused), the
-    decoder-input projection and both heads. Embeddings, norms and RoPE stay fp32. In place; returns
-    ``model``. Call after ``.to(device)``; training (gradients on) still uses the fp32 weights."""
+def quantize(model: CSM, mode: str) -> CSM:
+    """``mode`` (int8 / int4 / bf16) matmuls for every projection of both stacks (q/k/v and gate/up
+    fused), the decoder-input projection and both heads. Embeddings, norms and RoPE stay fp32. In
+    place (replacing earlier ones); returns ``model``. Call after ``.to(device)``; training (gradients
+    on) still uses the fp32 weights."""
+    if mode not in MATMULS:
+        raise ValueError(f"quantize={mode}: not one of {', '.join(MODES)}")
+    make = MATMULS[mode]
     for stack in (model.backbone, model.decoder):
         for block in stack.blocks():
             attn, mlp = block.self_attn, block.mlp
-            attn.fast["qkv"] = Int8Matmul([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-            attn.fast["o"] = Int8Matmul([attn.o_proj.weight])
-            mlp.fast["gate_up"] = Int8Matmul([mlp.gate_proj.weight, mlp.up_proj.weight])
-            mlp.fast["down"] = Int8Matmul([mlp.down_proj.weight])
-    model.fast["projection"] = Int8Matmul([model.projection.weight])
-    model.fast["codebook0_head"] = Int8Matmul([model.codebook0_head.weight])
-    model.fast["audio_head"] = Int8Heads(model.audio_head.detach())
+            attn.fast["qkv"] = make([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            attn.fast["o"] = make([attn.o_proj.weight])
+            mlp.fast["gate_up"] = make([mlp.gate_proj.weight, mlp.up_proj.weight])
+            mlp.fast["down"] = make([mlp.down_proj.weight])
+    model.fast["projection"] = make([model.projection.weight])
+    model.fast["codebook0_head"] = make([model.codebook0_head.weight])
+    model.fast["audio_head"] = Heads(model.audio_head.detach(), make)
     return model
 
 
+def quantize_int8(model: CSM) -> CSM:
+    """``quantize(model, "int8")``."""
+    return quantize(model, "int8")
+
+
 def dequantize(model: CSM) -> CSM:
-    """Drop the int8 replacements (back to fp32 inference). In place; returns ``model``."""
+    """Drop the low-bit / bf16 replacements and the q/k/v fusion (back to plain fp32 inference; call
+    ``model.fuse()`` again for the fused fp32 path). In place; returns ``model``."""
     modules: list[nn.Module] = [model]
     for stack in (model.backbone, model.decoder):
         for block in stack.blocks():

@@ -100,6 +100,8 @@ class Batcher:
         self.cond = threading.Condition()
         self.codec_rows = [True] * self.max_batch  # free rows of the streaming decoder
         self.stateful = type(self.codec).streaming_decoder is not Codec.streaming_decoder
+        if self.stateful and not hasattr(getattr(self.codec, "model", None), "reset_streaming"):
+            raise SynthesisError(f"codec {self.codec.identity}: a streaming state without a per-row reset")
         self.pause = torch.zeros(round(synth.settings.pause_ms / 1000 * synth.sample_rate))
         self.thread: threading.Thread | None = None
         self.running = False
@@ -231,7 +233,7 @@ class Batcher:
         if self.stateful:  # a fresh decoder state per piece, as the engine's
             reset = torch.zeros(self.max_batch, dtype=torch.bool)
             reset[job.codec_row] = True
-            self.codec.model.reset_streaming(reset)  # type: ignore[operator]
+            self.codec.model.reset_streaming(reset)  # type: ignore[union-attr,operator]  # moshi: per row
 
     def _retire(self, i: int) -> None:
         """Free row ``i``: the last active row moves into it."""
@@ -283,8 +285,8 @@ class Batcher:
                     "a piece reached its frame limit (%d frames) without end-of-speech; cut there", job.limit
                 )
             keep = self.synth.settings.carry_context and done and job.codes
-            piece_codes = torch.stack(job.codes, dim=1) if job.codes else None  # [32, frames]
-            job.previous = Segment(job.pieces[job.piece], job.speaker, piece_codes) if keep else None
+            piece = torch.stack(job.codes, dim=1) if keep else None  # [32, frames]
+            job.previous = None if piece is None else Segment(job.pieces[job.piece], job.speaker, piece)
             self._retire(i)
             self.between.append(job)
 

@@ -1,4 +1,4 @@
-"""Loading for synthesis: device and dtype, the model (+ int8 / torch.compile), the codec."""
+"""Loading for synthesis: device and dtype, the model (+ int8 / int4 / bf16 matmuls, torch.compile), the codec."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import torch
 from elise.checkpoints import Loaded, load_model
 from elise.codec import Codec, build_codec, check_codec
 from elise.model.csm import CSM
-from elise.model.quant import quantize_int8
+from elise.model.kernels import choose_kernels
+from elise.model.quant import MODES
+from elise.model.quant import quantize as apply_quantize
 from elise.synthesis.errors import SynthesisError, one_line
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bf16 on a GPU that supports it, fp32 otherwise (CPUs here have no fast bf16)."""
+    """``auto`` -> bf16 on a GPU that supports it, fp32 otherwise (on a CPU the model stays fp32: bf16
+    matmuls are one of ``quantize=auto``'s candidates, kept where the machine runs them faster)."""
     name = str(name or "auto")
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -44,15 +47,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, compile: bool = False) -> CSM:
-    """Cast, fuse q/k/v and gate/up, optionally int8 weights (``quantize=int8``), optionally torch.compile."""
+    """Cast, fuse q/k/v and gate/up, then the matmuls ``quantize`` names: none (or null), int8, int4,
+    bf16, or auto (CPU: the fastest of fp32/bf16/int8/int4 on this machine that agrees with fp32,
+    ``elise.model.kernels``; GPU: none). Optionally torch.compile."""
+    mode = "none" if quantize is None else str(quantize)
+    if mode not in ("none", "auto", *MODES):
+        raise SynthesisError(f"quantize={quantize} is not supported; use auto, none, {', '.join(MODES)}")
     model = model.to(dtype).eval().requires_grad_(False).fuse()
-    if quantize:
-        if str(quantize) != "int8":
-            raise SynthesisError(f"quantize={quantize} is not supported; use quantize=int8 or leave it null")
-        quantize_int8(model)
-        log.info("quantize=int8: int8 weight-only matmuls for both stacks, the projection and the heads")
+    device = next(model.parameters()).device
+    if mode == "auto" and device.type == "cuda":
+        log.info("quantize=auto on a GPU: %s weights, no quantization", dtype)
+    elif mode == "auto":
+        choose_kernels(model)
+    elif mode != "none":
+        try:
+            apply_quantize(model, mode)
+        except (RuntimeError, ValueError) as err:
+            raise SynthesisError(f"quantize={mode}: {one_line(err)}") from err
+        log.info("quantize=%s: %s matmuls for both stacks, the projection and the heads", mode, mode)
     if compile:
-        if next(model.parameters()).device.type == "cpu":
+        if device.type == "cpu":
             log.warning("compile=true on CPU: the first frames wait for torch.compile (a minute or more)")
         model.compile_steps()
         log.info(

@@ -129,7 +129,8 @@ def test_bench_synth_tiny_against_transformers():
 
 def test_bench_synth_tiny():
     res = bench_synth("tiny", frames=3, reps=1, batches=(2,), reference=False, warmup=0)
-    assert set(res["per_frame_s"]) == {"elise_fp32", "elise_fp32_unfused", "elise_int8"}
+    modes = ("int8", "int4", "bf16")
+    assert set(res["per_frame_s"]) == {"elise_fp32", "elise_fp32_unfused", *(f"elise_{m}" for m in modes)}
     assert all(t > 0 for t in res["per_frame_s"].values())
     assert (
         res["bound_fp32"]["fraction"] > 0
@@ -138,6 +139,12 @@ def test_bench_synth_tiny():
     assert res["batch"]["fp32_b2"]["total_frames_per_s"] > 0 and res["batch"]["fp32_b1"]["vs_b1"] == 1.0
     assert res["fused_frames_equal_unfused"] == 1.0
     assert res["int8_agreement"]["codes_equal"] >= 0.6  # teacher-forced, random weights: measured 0.646
+    assert all(0 <= res[f"{m}_agreement"]["codes_equal"] <= 1 for m in modes)
+    assert res["bound_int4"]["bytes_per_frame"] * 6.4 == pytest.approx(res["bound_fp32"]["bytes_per_frame"])
+    # the kernel choice is reported with the timings of every candidate and why it was kept
+    choice = res["kernel_choice"]
+    assert choice["mode"] in ("fp32", *modes) and set(choice["timings_s"]) == {"fp32", *modes}
+    assert choice["reason"].startswith(choice["mode"]) and f"* {choice['mode']}:" in choice["table"]
 
 
 def test_bench_train_tiny_same_loss_as_transformers():

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny
 from omegaconf import OmegaConf
+from testkit import save_tiny
 
 from elise.bench.__main__ import PARTS, bench_args
 from elise.cli import check_overrides, help_text
@@ -67,7 +67,7 @@ def test_bench_keys_and_defaults(tmp_path):
     [
         (
             {"part": "synthh"},
-            "error: part=synthh: no such part; choose one of: all, synth, train, data, gpu\n",
+            "error: part=synthh: no such part; choose one of: all, synth, train, data, gpu, serve\n",
         ),
         ({"quick": "yes"}, "error: quick=yes: write quick=true or quick=false\n"),
         ({"threads": 0}, "error: threads=0: a whole number of CPU threads, 1 or more\n"),

@@ -88,8 +88,8 @@ def test_prepare_model_int8_keeps_fp32_weights():
     assert "qkv" in model.backbone.layers[0].self_attn.fast and "audio_head" in model.fast
     assert model.backbone.layers[0].self_attn.q_proj.weight.dtype == torch.float32  # fp32 kept for training
     assert greedy(model, frames=2).shape == (32, 2)
-    with pytest.raises(SynthesisError, match="int4"):
-        prepare_model(tiny(), torch.float32, quantize="int4")
+    with pytest.raises(SynthesisError, match="int3"):
+        prepare_model(tiny(), torch.float32, quantize="int3")
 
 
 @pytest.mark.slow  # ~70 s of inductor compilation on a 2-core CPU

@@ -78,7 +78,7 @@ def write_base(path: Path, fast_overrides: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def voice_run(tmp_path_factory, fast_overrides):
     """LoRA from a random base on a 'new voice' (an LJSpeech folder of tones)."""
-    from conftest import lj_folder
+    from testkit import lj_folder
 
     tmp = tmp_path_factory.mktemp("lora")
     base = write_base(tmp / "base.ckpt", fast_overrides)

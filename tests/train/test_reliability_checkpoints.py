@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import checkpointing_run
+from testkit import checkpointing_run
 
 from elise.config import compose
 from elise.train import AtomicCheckpointIO, resolve_ckpt_path, train

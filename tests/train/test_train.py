@@ -288,7 +288,7 @@ def test_elise_experiments_run_with_tiny_overrides(experiment, base_run, code_ca
 
 def test_speaker_names_of_the_data_reach_the_checkpoint_and_synthesis(fast_overrides, tmp_path):
     """LJSpeech with a speaker column -> train -> the checkpoint's map -> ``speaker=<name>`` resolves."""
-    from conftest import lj_folder
+    from testkit import lj_folder
 
     from elise.checkpoints import load_model
     from elise.synthesis.engine import resolve_speaker

@@ -1,0 +1,361 @@
+"""Pre-encoded data (``data=codes``): datasets that already hold Mimi codes, trained on without a codec.
+
+``data.path`` is a local folder or a Hugging Face hub id. Accepted:
+
+- a folder of Arrow IPC files (``*.arrow``, file or stream format) with a codes column and a
+  text column, read in place (memory-mapped, never copied): what ``elise.bench.data`` generates and
+  what ``datasets`` keeps in its cache;
+- a ``save_to_disk`` folder, a folder of Parquet files, or a hub id: loaded by ``datasets`` (Parquet
+  and hub data become its Arrow cache files, which are then read in place);
+- ``data.streaming=true`` with a hub id (or Parquet folder): rows are streamed and written to Arrow
+  files of ``data.shard_mb`` MB under ``data.cache_dir`` as they come (no full download); a
+  killed run resumes after the last whole file.
+
+The codes column (``data.codes_column``, default: the first of codes, audio_codes, mimi_codes) holds
+nested integer lists of shape [32, T] or [T, 32] (``data.codes_layout`` kt / tk; auto tells them
+apart by which side is 32, and takes [32, T] when both are), or int16 bytes of [32, T] (our shards).
+The text column is ``text``; optional: ``id``, ``speaker`` (or speaker_id / speaker_name), ``group``.
+
+Preparation here is building the clip index (``elise.data.shards``): frames per clip from the
+column's list lengths (no codes are read), text ids, the train/val split (the seeded id hash of
+``elise.data.prepare.assign_splits``) and the report (kept, skipped: empty_text,
+unspeakable_text, untokenizable_text, too_short, too_long).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from array import array
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from elise.data.items import Example, PreparedData
+from elise.data.prepare import REASONS, _unit_hash, _write_json, data_settings, print_report
+from elise.data.shards import INDEX_SCHEMA, ClipIndex, read_ipc, write_index, write_ipc
+from elise.data.sources import speaker_map
+from elise.layout import NUM_CODEBOOKS
+from elise.text import Tokenizer, encode_prompt
+
+CODES_COLUMNS = ("codes", "audio_codes", "mimi_codes")
+SPEAKER_COLUMNS = ("speaker", "speaker_id", "speaker_name")
+FRAME_RATE = 12.5  # Mimi frames per second
+
+
+def codes_index_path(data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer) -> Path:
+    """Where ``prepare_codes`` writes the index of this dataset (a hash of its settings)."""
+    cfg = data_settings(data_cfg)
+    keys = ("path", "split", "streaming", "codes_column", "codes_layout", "min_seconds", "max_seconds")
+    keys += ("val_fraction", "val_count", "split_seed", "max_items")
+    probe = encode_prompt(tokenizer, "Probe: the quick brown fox, 0123 \u00e9\u00df.", 0)
+    spec = {k: cfg.get(k) for k in keys} | {"tok": probe}
+    name = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg["cache_dir"]).expanduser() / f"index-codes-{name}.arrow"
+
+
+def prepare_codes(
+    data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer, progress: bool = True
+) -> PreparedData:
+    """Build (or rebuild) the clip index of a pre-encoded dataset; returns its report and index path
+    (no ``Example`` list: a large set is only ever read through the index)."""
+    start = time.perf_counter()
+    cfg = data_settings(data_cfg)
+    path = cfg.get("path")
+    if not path:
+        raise ValueError("data=codes needs data.path=<hub id | local folder>")
+    files = source_files(str(path), cfg)
+    cache = Path(cfg["cache_dir"]).expanduser()
+    cache.mkdir(parents=True, exist_ok=True)
+    out = codes_index_path(cfg, tokenizer)
+    builder = _IndexBuilder(cfg, tokenizer, files)
+    write_index(out, builder.batches(), lambda: builder.meta(time.perf_counter() - start, str(path)))
+    report = builder.meta(time.perf_counter() - start, str(path))["report"]
+    _write_json(cache / "prepare_report.json", report)
+    if progress:
+        print_report(report)
+    return PreparedData([], report, cache, out)
+
+
+def examples_of(index_path: Path) -> list[Example]:
+    """All clips of an index as ``Example`` records (small sets, tests)."""
+    from elise.data.dataset import IndexDataset
+
+    index = ClipIndex(index_path)
+    return [e for split in ("train", "val") for e in IndexDataset(index, split).examples]
+
+
+# ---- where the rows are ---------------------------------------------------------------------
+
+
+def source_files(path: str, cfg: dict) -> list[str]:
+    """Arrow files holding the dataset's rows, in order (see the module docstring)."""
+    local = Path(path).expanduser()
+    if cfg.get("streaming"):
+        return _stream_to_files(path, cfg)
+    if (
+        local.is_dir()
+        and not (local / "state.json").is_file()
+        and not (local / "dataset_dict.json").is_file()
+    ):
+        arrow = sorted(local.rglob("*.arrow"))
+        if arrow:
+            return [str(f) for f in arrow]
+    ds = _load(path, cfg)
+    if getattr(ds, "_indices", None) is not None:
+        ds = ds.flatten_indices()
+    return [c["filename"] for c in ds.cache_files]
+
+
+def _load(path: str, cfg: dict, streaming: bool = False) -> Any:
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    from elise.data.sources import DataUnavailable
+
+    local, split = Path(path).expanduser(), cfg.get("split") or "train"
+    if local.exists():
+        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
+            ds = load_from_disk(str(local))
+            return ds[split] if isinstance(ds, DatasetDict) else ds
+        files = [local] if local.is_file() else sorted(local.rglob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"no .arrow or .parquet files in data.path={local}")
+        return load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=streaming)
+    try:
+        return load_dataset(path, split=split, streaming=streaming)
+    except Exception as err:  # hub errors come as many types (HTTP, gated, not found, offline)
+        raise DataUnavailable(f"cannot load dataset {path!r} ({type(err).__name__}: {err})"[:300]) from err
+
+
+def _stream_to_files(path: str, cfg: dict) -> list[str]:
+    """Stream the rows into ``<cache_dir>/streamed-<hash>/part-<n>.arrow`` files; resumes after the
+    last whole file (each holds the rows that follow the previous ones)."""
+    folder = (
+        Path(cfg["cache_dir"]).expanduser() / f"streamed-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    done = sorted(folder.glob("part-*.arrow"))
+    skip = sum(read_ipc(f).num_rows for f in done)
+    stream = _load(path, cfg, streaming=True).skip(skip)
+    limit = float(cfg.get("shard_mb") or 256) * 2**20
+    rows: list[dict] = []
+    size = 0
+    for row in stream:
+        rows.append(row)
+        size += len(json.dumps(row.get(_codes_key(row.keys(), cfg)), separators=(",", ":")))
+        if size >= limit:
+            done.append(_write_part(folder, len(done), rows))
+            rows, size = [], 0
+    if rows:
+        done.append(_write_part(folder, len(done), rows))
+    return [str(f) for f in done]
+
+
+def _write_part(folder: Path, n: int, rows: list[dict]) -> Path:
+    path = folder / f"part-{n:06d}.arrow"
+    write_ipc(path, pa.Table.from_pylist(rows))
+    return path
+
+
+def _codes_key(names: Any, cfg: dict) -> str:
+    names = list(names)
+    wanted = cfg.get("codes_column")
+    column = wanted or next((c for c in CODES_COLUMNS if c in names), None)
+    if column is None or column not in names:
+        raise ValueError(f"no codes column ({wanted or ' / '.join(CODES_COLUMNS)}) among {names}")
+    return column
+
+
+# ---- the index ------------------------------------------------------------------------------
+
+
+def _frames_and_layout(col: pa.ChunkedArray, layout: str) -> tuple[np.ndarray, str]:
+    """Frames per row (from list lengths or byte counts; the codes are not read) and the layout."""
+    col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        return pc.binary_length(col).to_numpy(zero_copy_only=False) // (2 * NUM_CODEBOOKS), "bytes"
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)):
+        raise ValueError(f"codes column type {col.type}: expected nested integer lists or int16 bytes")
+    outer = pc.list_value_length(col).to_numpy(zero_copy_only=False)  # [N]
+    starts = col.offsets.to_numpy()[:-1] - col.offsets[0].as_py()
+    inner_all = pc.list_value_length(col.flatten()).to_numpy(zero_copy_only=False)
+    inner = np.where(outer > 0, inner_all[np.minimum(starts, max(len(inner_all) - 1, 0))], 0)
+    if layout == "auto":
+        layout = "kt" if (outer == NUM_CODEBOOKS).all() else "tk" if (inner == NUM_CODEBOOKS).all() else ""
+        if not layout:
+            raise ValueError(
+                f"codes are neither [{NUM_CODEBOOKS}, T] nor [T, {NUM_CODEBOOKS}] lists in every row"
+            )
+    side = outer if layout == "kt" else inner
+    if (side != NUM_CODEBOOKS).any():
+        raise ValueError(f"codes_layout={layout}: some rows do not have {NUM_CODEBOOKS} codebooks")
+    return (inner if layout == "kt" else outer).astype(np.int64), layout
+
+
+class _IndexBuilder:
+    """Two passes over the files: ids (split hash) first, then one index batch per file."""
+
+    def __init__(self, cfg: dict, tokenizer: Tokenizer, files: list[str]):
+        self.cfg, self.tokenizer, self.files = cfg, tokenizer, files
+        self.counts = dict.fromkeys(REASONS, 0)
+        self.items: list[dict] = []
+        self.kept = self.train = self.val = 0
+        self.seconds = 0.0
+        self.layout = str(cfg.get("codes_layout") or "auto")
+        self.column = ""
+        limit = cfg.get("max_items")
+        self.sizes = []
+        left = None if limit is None else int(limit)
+        for f in files:
+            n = read_ipc(f).num_rows
+            n = n if left is None else min(n, left)
+            left = None if left is None else left - n
+            self.sizes.append(n)
+        self.speakers = speaker_map(list(self._speaker_names()))
+        self.val_below = self._val_threshold()
+
+    def _table(self, i: int) -> pa.Table:
+        return read_ipc(self.files[i]).slice(0, self.sizes[i])
+
+    def _ids(self, i: int, table: pa.Table) -> list[str]:
+        if "id" in table.column_names:
+            return [str(x) for x in table.column("id").to_pylist()]
+        first = sum(self.sizes[:i])
+        return [f"{first + r:08d}" for r in range(table.num_rows)]
+
+    def _speaker_names(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for i in range(len(self.files)):
+            table = self._table(i)
+            col = next((c for c in SPEAKER_COLUMNS if c in table.column_names), None)
+            if col is not None:
+                for v in pc.unique(table.column(col)).to_pylist():
+                    if v is not None and str(v) not in seen:
+                        seen.add(str(v))
+                        yield str(v)
+
+    def _val_threshold(self) -> float:
+        """Split score below which an id is val: ``data.val_fraction``, or ``val_count`` smallest."""
+        seed, count = self.cfg["split_seed"], self.cfg.get("val_count")
+        if count is None:
+            return float(self.cfg["val_fraction"])
+        scores = np.concatenate(
+            [
+                [_unit_hash(f"{seed}:{x}") for x in self._ids(i, self._table(i))]
+                for i in range(len(self.files))
+            ]
+            or [np.zeros(0)]
+        )
+        count = min(max(int(count), 0), max(len(scores) - 1, 0))
+        return float(np.sort(scores)[count - 1]) + 1e-12 if count else 0.0
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        cfg = self.cfg
+        lo, hi = float(cfg["min_seconds"]) * FRAME_RATE, float(cfg["max_seconds"]) * FRAME_RATE
+        for i in range(len(self.files)):
+            table = self._table(i)
+            self.column = self.column or _codes_key(table.column_names, cfg)
+            frames, self.layout = _frames_and_layout(table.column(self.column), self.layout)
+            ids = self._ids(i, table)
+            texts = table.column("text").to_pylist() if "text" in table.column_names else [None] * len(ids)
+            spk_col = next((c for c in SPEAKER_COLUMNS if c in table.column_names), None)
+            names = table.column(spk_col).to_pylist() if spk_col else [None] * len(ids)
+            groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(ids)
+            keep, flat, offsets, speakers = [], array("i"), [0], []
+            for r, text in enumerate(texts):
+                reason = self._check(text, frames[r], lo, hi)
+                speaker = 0 if names[r] is None else self.speakers[str(names[r])]
+                ids_r = None
+                if reason is None:
+                    ids_r, reason = self._tokens(" ".join(text.split()), speaker)
+                if reason is not None:
+                    self.counts[reason[0]] += 1
+                    self.items.append({"id": ids[r], "reason": reason[0], "detail": reason[1]})
+                    continue
+                keep.append(r)
+                flat.extend(ids_r)
+                offsets.append(len(flat))
+                speakers.append(speaker)
+            yield self._batch(i, table, keep, ids, texts, groups, flat, offsets, speakers, frames)
+
+    def _check(self, text: Any, frames: int, lo: float, hi: float) -> tuple[str, str] | None:
+        if not isinstance(text, str) or not text.strip():
+            return "empty_text", "no text"
+        if not any(ch.isalnum() for ch in text):
+            return "unspeakable_text", f"no letter or digit in {text[:40]!r}"
+        if frames < lo:
+            return "too_short", f"{frames / FRAME_RATE:.2f} s < {self.cfg['min_seconds']} s"
+        if frames > hi:
+            return "too_long", f"{frames / FRAME_RATE:.2f} s > {self.cfg['max_seconds']} s"
+        return None
+
+    def _tokens(self, text: str, speaker: int) -> tuple[list[int] | None, tuple[str, str] | None]:
+        try:
+            ids = encode_prompt(self.tokenizer, text, speaker)
+        except Exception as err:  # tokenizers raise various types on input they cannot take
+            return None, ("untokenizable_text", f"{type(err).__name__}: {err}"[:200])
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if not ids or (vocab is not None and max(ids) >= vocab):
+            return None, ("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary")
+        return ids, None
+
+    def _batch(self, i, table, keep, ids, texts, groups, flat, offsets, speakers, frames) -> pa.RecordBatch:
+        seed = self.cfg["split_seed"]
+        keep_a = np.asarray(keep, dtype=np.int64)
+        kept_ids = [ids[r] for r in keep]
+        val = np.array([_unit_hash(f"{seed}:{x}") < self.val_below for x in kept_ids], dtype=bool)
+        fr = frames[keep_a].astype(np.int32) if len(keep) else np.zeros(0, np.int32)
+        n_ids = np.diff(np.asarray(offsets, dtype=np.int64))
+        text_ids = pa.ListArray.from_arrays(
+            pa.array(np.asarray(offsets, np.int32)),
+            pa.array(np.frombuffer(flat, np.int32) if flat else [], pa.int32()),
+        )
+        self.kept += len(keep)
+        self.val += int(val.sum())
+        self.seconds += float(fr.sum()) / FRAME_RATE
+        cols = {
+            "id": pa.array(kept_ids, pa.string()),
+            "text": pa.array([" ".join(texts[r].split()) for r in keep], pa.string()),
+            "speaker": pa.array(speakers, pa.int32()),
+            "group": pa.array([None if groups[r] is None else str(groups[r]) for r in keep], pa.string()),
+            "val": pa.array(val, pa.bool_()),
+            "text_ids": text_ids,
+            "frames": pa.array(fr, pa.int32()),
+            "rows": pa.array((n_ids + fr + 1).astype(np.int32), pa.int32()),
+            "seconds": pa.array(fr / FRAME_RATE, pa.float32()),
+            "source": pa.array([f"{Path(self.files[i]).name}:{r}" for r in keep], pa.string()),
+            "file": pa.array(np.full(len(keep), i, np.int32), pa.int32()),
+            "row": pa.array(keep_a, pa.int64()),
+        }
+        return pa.RecordBatch.from_pydict(cols, schema=INDEX_SCHEMA)
+
+    def meta(self, secs: float, where: str) -> dict:
+        """The index's side file (after ``batches``): files, codes column, layout, report."""
+        files = [os.path.abspath(f) for f in self.files]
+        report = self.report(secs, where)
+        return {"files": files, "column": self.column or "codes", "layout": self.layout, "report": report}
+
+    def report(self, secs: float, where: str) -> dict:
+        names = sorted(self.speakers)
+        return {
+            "source": "codes",
+            "path": where,
+            "total": self.kept + len(self.items),
+            "kept": self.kept,
+            "train": self.kept - self.val,
+            "val": self.val,
+            "hours": round(self.seconds / 3600, 4),
+            "skipped": self.counts,
+            "items": self.items[:1000],
+            "encoded": 0,
+            "cached": self.kept,
+            "speakers": {n: self.speakers[n] for n in names},
+            "layout": self.layout,
+            "seconds": round(secs, 3),
+        }

@@ -1,0 +1,123 @@
+"""Pre-encoded data (``data=codes``): Arrow folders read in place ([32, T] / [T, 32] lists, int16
+bytes), Parquet and save_to_disk through ``datasets``, streaming, and training batches from the index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from elise.data.codes import examples_of, prepare_codes
+from elise.data.datamodule import EliseDataModule
+from elise.data.shards import ClipIndex, write_ipc
+from elise.text import ByteTokenizer, encode_prompt
+
+
+def clips(n: int = 12, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        frames = int(rng.integers(8, 40))
+        out.append(
+            {"id": f"c{i:03d}", "text": f"clip number {i}", "speaker": "ab"[i % 2],
+             "codes": rng.integers(0, 2048, (32, frames)).astype(np.int16)}
+        )  # fmt: skip
+    out[3]["text"] = "  "  # empty_text
+    out[5]["codes"] = out[5]["codes"][:, :3]  # 0.24 s: too_short
+    return out
+
+
+def table(rows: list[dict], layout: str) -> pa.Table:
+    def cell(c: np.ndarray):
+        return c.tobytes() if layout == "bytes" else (c.tolist() if layout == "kt" else c.T.tolist())
+
+    return pa.Table.from_pylist([{**r, "codes": cell(r["codes"])} for r in rows])
+
+
+def cfg(path: Path, cache: Path, **kw: object) -> dict:
+    return {"source": "codes", "path": str(path), "cache_dir": str(cache), "val_count": 2, **kw}
+
+
+@pytest.mark.parametrize("layout", ["kt", "tk", "bytes"])
+def test_arrow_folder_is_indexed_in_place_in_every_layout(tmp_path: Path, layout: str) -> None:
+    rows = clips()
+    write_ipc(tmp_path / "src" / "a.arrow", table(rows[:7], layout)) if (
+        tmp_path / "src"
+    ).mkdir() is None else None
+    write_ipc(tmp_path / "src" / "b.arrow", table(rows[7:], layout))
+    data = prepare_codes(cfg(tmp_path / "src", tmp_path / "cache"), ByteTokenizer(), progress=False)
+    report = data.report
+    assert (report["total"], report["kept"], report["train"], report["val"]) == (12, 10, 8, 2)
+    assert report["skipped"]["empty_text"] == 1 and report["skipped"]["too_short"] == 1
+    assert report["layout"] == layout and report["speakers"] == {"a": 0, "b": 1}
+    by_id = {r["id"]: r for r in rows}
+    examples = examples_of(data.index)
+    assert sorted(e.id for e in examples) == sorted(set(by_id) - {"c003", "c005"})
+    for e in examples:
+        assert np.array_equal(e.load_codes().numpy(), by_id[e.id]["codes"])
+        assert (
+            e.text_ids == encode_prompt(ByteTokenizer(), e.text, e.speaker)
+            and e.frames == by_id[e.id]["codes"].shape[1]
+        )
+    assert not list(
+        (tmp_path / "cache").rglob("*.npy")
+    )  # nothing copied: rows are read from the source files
+
+
+def test_parquet_save_to_disk_and_streaming_sources(tmp_path: Path) -> None:
+    rows = clips(seed=1)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(table(rows, "tk"), tmp_path / "pq" / "train-0000.parquet")
+    ref = {
+        e.id: e.load_codes().numpy()
+        for e in examples_of(
+            prepare_codes(cfg(tmp_path / "pq", tmp_path / "c1"), ByteTokenizer(), progress=False).index
+        )
+    }
+    from datasets import load_dataset
+
+    load_dataset("parquet", data_files=str(tmp_path / "pq" / "*.parquet"), split="train").save_to_disk(
+        tmp_path / "disk"
+    )
+    streamed = prepare_codes(
+        cfg(tmp_path / "pq", tmp_path / "c3", streaming=True, shard_mb=0.01), ByteTokenizer(), progress=False
+    )
+    assert len(list((tmp_path / "c3").glob("streamed-*/part-*.arrow"))) >= 2  # written as they came
+    for data in (
+        prepare_codes(cfg(tmp_path / "disk", tmp_path / "c2"), ByteTokenizer(), progress=False),
+        streamed,
+    ):
+        got = {e.id: e.load_codes().numpy() for e in examples_of(data.index)}
+        assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+
+
+def test_bad_codes_columns_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    write_ipc(tmp_path / "src" / "a.arrow", pa.table({"text": ["hi"], "codes": [[[1, 2]] * 8]}))
+    with pytest.raises(ValueError, match=r"neither \[32, T\] nor \[T, 32\]"):
+        prepare_codes(cfg(tmp_path / "src", tmp_path / "c"), ByteTokenizer(), progress=False)
+    write_ipc(tmp_path / "src" / "a.arrow", pa.table({"text": ["hi"], "tokens": [b"\0\0" * 32]}))
+    with pytest.raises(ValueError, match="no codes column"):
+        prepare_codes(cfg(tmp_path / "src", tmp_path / "c"), ByteTokenizer(), progress=False)
+    with pytest.raises(ValueError, match="data.path"):
+        prepare_codes({"source": "codes", "cache_dir": str(tmp_path)}, ByteTokenizer(), progress=False)
+
+
+def test_datamodule_trains_from_pre_encoded_codes_without_a_codec(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    rows = clips(40, seed=2)
+    write_ipc(tmp_path / "src" / "a.arrow", table(rows, "kt"))
+    data = cfg(tmp_path / "src", tmp_path / "cache", max_tokens=300, max_samples=4, num_workers=0)
+    dm = EliseDataModule(data, {"name": "no-such-codec"})  # never built
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_set) == 36 and len(dm.val_set) == 2 and dm.report["kept"] == 38
+    index = ClipIndex(dm.index_file)
+    seen = []
+    for batch in dm.train_dataloader():
+        seen += batch["ids"]
+        assert batch["tokens"].shape[0] * batch["tokens"].shape[1] <= 300
+    assert sorted(seen) == sorted(e.id for e in dm.train_set.examples) and len(index) == 38
