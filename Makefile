@@ -7,7 +7,7 @@ MOSHI := moshi==0.2.13
 RESEMBLYZER := resemblyzer==0.1.4  # offline speaker embeddings (elise.evaluate); deps in the eval extra
 export PYTHONHASHSEED := 0
 
-.PHONY: help install lock conda demo test test-full test-browser lint bench clean
+.PHONY: help install lock conda demo test test-full test-browser lint bench gpu-check clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ lint: install  ## ruff + mypy
 
 bench: install  ## speed figures (see BENCHMARKS.md); make bench ARGS="part=synth quick=true"
 	$(BIN)/python -m elise.bench $(ARGS)
+
+gpu-check: install  ## on a CUDA machine: GPU bench, int4 on CUDA, DDP bf16 demo, test suite (scripts/gpu_check.sh)
+	PY=$(BIN)/python scripts/gpu_check.sh
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .cache outputs multirun

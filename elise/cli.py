@@ -32,7 +32,8 @@ VERBATIM_KEYS = frozenset(
     {
         "text", "reference_text", "text_file", "reference_audio", "output", "output_dir", "ckpt",
         "ckpt_path", "init_from", "out", "codec_config", "run_dir", "metrics_out", "data.path",
-        "data.root", "codec.weights", "hydra.run.dir", "voices_dir", "api_key", "base",
+        "data.root", "codec.weights", "hydra.run.dir", "voices_dir", "api_key", "base", "dialogue",
+        "dialogue_file", "voices",
     }
 )  # fmt: skip
 TEXT_KEYS = frozenset({"text", "reference_text"})  # "null" typed here is a sentence, not None
@@ -73,8 +74,8 @@ def aliased_args(command: str, argv: list[str]) -> list[str]:
 def verbatim_args(argv: list[str]) -> list[str]:
     """``argv`` with the values of ``VERBATIM_KEYS`` quoted for Hydra (``quote_verbatim``).
 
-    ``reference_audio=[a.wav,b.wav]`` / ``reference_text=[...]`` lists stay lists; ``null`` stays None
-    for path keys.
+    ``reference_audio=[a.wav,b.wav]`` / ``reference_text=[...]`` lists and ``voices={...}`` stay as
+    they are; ``null`` stays None for path keys.
     """
     out = []
     for arg in argv:
@@ -82,8 +83,9 @@ def verbatim_args(argv: list[str]) -> list[str]:
         name = key.lstrip("+")
         if eq and name in VERBATIM_KEYS:
             is_list = name.startswith("reference_") and value.startswith("[") and value.endswith("]")
+            is_dict = name == "voices" and value.startswith("{")  # voices={alice: {...}}; a folder is a path
             keep_null = value == "null" and name not in TEXT_KEYS
-            if not (is_list or keep_null):
+            if not (is_list or is_dict or keep_null):
                 arg = f"{key}={quote_verbatim(value)}"
         out.append(arg)
     return out

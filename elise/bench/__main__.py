@@ -62,7 +62,8 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
 
         res = bench_train(quick)
         return res, table(
-            train_rows(res), ["model", "rows", "case", "tokens/s", "step s", "peak MB", "x transformers"]
+            train_rows(res),
+            ["model", "rows", "case", "tokens/s", "step s", "peak MB", "x transformers", "x fp32"],
         )
     if part == "data":
         from elise.bench.data import bench_data, data_rows

@@ -1,9 +1,11 @@
 """Training speed: tokens (rows) per second of forward + backward + AdamW step, and peak memory,
 elise ``csm_loss`` vs transformers' CSM training forward (inputs_embeds + 3-D labels) on the same
-weights and batch, CPU fp32."""
+weights and batch, CPU fp32, and (marvis_250m) bf16 autocast on both sides: the trainer's bf16-mixed,
+kept where the CPU's bf16 units make it faster."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import tempfile
 import time
@@ -79,8 +81,13 @@ def step_case(
     return run
 
 
+def autocast(dtype: str) -> contextlib.AbstractContextManager:
+    """bf16: CPU autocast (bf16 matmuls over fp32 master weights, Lightning's bf16-mixed); fp32: nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+
 def bench_train_preset(preset: str, rows: int, items: int, fractions: tuple[float, ...], reps: int,
-                       reference: bool = True) -> dict[str, Any]:  # fmt: skip
+                       reference: bool = True, dtypes: tuple[str, ...] = ("fp32",)) -> dict[str, Any]:  # fmt: skip
     model: CSM = random_model(preset).train()
     tokens, mask = random_batch(rows, items)
     ref = None
@@ -89,26 +96,35 @@ def bench_train_preset(preset: str, rows: int, items: int, fractions: tuple[floa
             ref = transformers_model(model, d).train()
     extra: dict[str, dict] = {}
     cases = {}
-    for f in fractions:
-        name = f"elise_f{f:.4g}"
-        extra[name] = {}
-        g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    for dtype in dtypes:
+        tag = "" if dtype == "fp32" else f"{dtype}_"
+        for f in fractions:
+            name = f"elise_{tag}f{f:.4g}"
+            extra[name] = {}
+            g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
 
-        def elise_loss(f: float = f, g: Callable[[], torch.Generator] = g) -> torch.Tensor:
-            return csm_loss(model, tokens, mask, decoder_fraction=f, generator=g()).loss
-
-        cases[name] = step_case(model, elise_loss, rows, extra[name])
-        if ref is not None:
-            rname = f"transformers_f{f:.4g}"
-            extra[rname] = {}
-            embed, labels = transformers_inputs(ref, tokens, mask, f)
-
-            def ref_loss(
-                r: torch.nn.Module = ref, e: Callable[[], torch.Tensor] = embed, lab: torch.Tensor = labels
+            def elise_loss(
+                f: float = f, g: Callable[[], torch.Generator] = g, d: str = dtype
             ) -> torch.Tensor:
-                return r(inputs_embeds=e(), labels=lab).loss
+                with autocast(d):
+                    return csm_loss(model, tokens, mask, decoder_fraction=f, generator=g()).loss
 
-            cases[rname] = step_case(ref, ref_loss, rows, extra[rname])
+            cases[name] = step_case(model, elise_loss, rows, extra[name])
+            if ref is not None:
+                rname = f"transformers_{tag}f{f:.4g}"
+                extra[rname] = {}
+                embed, labels = transformers_inputs(ref, tokens, mask, f)
+
+                def ref_loss(
+                    r: torch.nn.Module = ref,
+                    e: Callable[[], torch.Tensor] = embed,
+                    lab: torch.Tensor = labels,
+                    d: str = dtype,
+                ) -> torch.Tensor:
+                    with autocast(d):
+                        return r(inputs_embeds=e(), labels=lab).loss
+
+                cases[rname] = step_case(ref, ref_loss, rows, extra[rname])
     times = alternate(cases, reps, warmup=0)
     res: dict[str, Any] = {"rows": rows, "items": items, "reps": reps, "cases": {}}
     for name, ts in times.items():
@@ -119,22 +135,29 @@ def bench_train_preset(preset: str, rows: int, items: int, fractions: tuple[floa
             "peak_mb": median(extra[name]["peak_mb"]),
             "loss": extra[name]["loss"][-1],
         }
-    for f in fractions:
-        ours, theirs = res["cases"].get(f"elise_f{f:.4g}"), res["cases"].get(f"transformers_f{f:.4g}")
-        if ours and theirs:
+    for name, ours in res["cases"].items():
+        theirs = res["cases"].get(name.replace("elise_", "transformers_", 1))
+        if name.startswith("elise_") and theirs:
             ours["x_transformers"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+    for dtype in dtypes[1:]:  # each other dtype against fp32, same side, same fraction
+        for name, c in res["cases"].items():
+            if f"_{dtype}_" in name:
+                c["x_fp32"] = c["tokens_per_s"] / res["cases"][name.replace(f"{dtype}_", "")]["tokens_per_s"]
     gc.collect()
     return res
 
 
 def bench_train(quick: bool = False, reference: bool = True) -> dict[str, Any]:
-    """tiny at 5,000 rows (decoder fraction 1/16 and 1.0) and marvis_250m at 1,000 rows (1/16)."""
+    """tiny at 5,000 rows (decoder fraction 1/16 and 1.0) and marvis_250m at 1,000 rows (1/16), fp32 and
+    bf16 autocast."""
     torch.manual_seed(0)
     out = {
         "tiny": bench_train_preset(
             "tiny", 2000 if quick else 5000, 10, (1 / 16, 1.0), 2 if quick else 3, reference
         ),
-        "marvis_250m": bench_train_preset("marvis_250m", 256 if quick else 1000, 4, (1 / 16,), 1, reference),
+        "marvis_250m": bench_train_preset(
+            "marvis_250m", 256 if quick else 1000, 4, (1 / 16,), 1, reference, ("fp32", "bf16")
+        ),
     }
     return out
 
@@ -144,5 +167,6 @@ def train_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     for preset, r in res.items():
         for name, c in r["cases"].items():
             rows.append({"model": preset, "rows": r["rows"], "case": name, "tokens/s": c["tokens_per_s"],
-                         "step s": c["step_s"], "peak MB": c["peak_mb"], "x transformers": c.get("x_transformers")})  # fmt: skip
+                         "step s": c["step_s"], "peak MB": c["peak_mb"], "x transformers": c.get("x_transformers"),
+                         "x fp32": c.get("x_fp32")})  # fmt: skip
     return rows

@@ -63,12 +63,15 @@ class Settings:
 @dataclass
 class Request:
     """One utterance. ``seed`` None: the settings' seed + its 1-based position in the call.
-    ``prompt_ids``: already tokenized ``[speaker]text`` ids (one piece; training examples)."""
+    ``prompt_ids``: already tokenized ``[speaker]text`` ids (one piece; training examples).
+    ``context``: the segments before its text (a conversation's voices and turns) in place of the
+    Synthesizer's voice prompt (None: the voice prompt)."""
 
     text: str
     speaker: int | str | None = None
     seed: int | None = None
     prompt_ids: list[int] | None = None
+    context: list[Segment] | None = None
 
 
 @dataclass
@@ -175,9 +178,10 @@ class Synthesizer:
             raise SynthesisError("an utterance is empty")
         return pieces
 
-    def prompt(self, piece: str, speaker: int | str, previous: Segment | None,
-               ids: list[int] | None = None) -> tuple[tuple[Tensor, Tensor], int, int]:  # fmt: skip
-        """Prompt rows, frame limit and EOS floor of one piece; the previous piece is dropped if it leaves no room."""
+    def prompt(self, piece: str, speaker: int | str, previous: Segment | None, ids: list[int] | None = None,
+               context: list[Segment] | None = None) -> tuple[tuple[Tensor, Tensor], int, int]:  # fmt: skip
+        """Prompt rows, frame limit and EOS floor of one piece; the previous piece is dropped if it leaves no room.
+        ``context``: the segments before the piece (None: the voice prompt)."""
         s = self.settings
         limit = max_frames(piece, s.max_audio_seconds, s.bound)
         floor = min(limit - 1, math.floor(FRAME_RATE * s.bound.min_seconds_per_char * len(piece)))
@@ -187,10 +191,12 @@ class Synthesizer:
         else:
             if self.tokenizer is None:
                 raise SynthesisError("this Synthesizer has no tokenizer: give requests their prompt_ids")
-            context = self.context + ([previous] if previous is not None else [])
-            rows = build_prompt(self.tokenizer, piece, speaker, context)
+            base = self.context if context is None else context
+            rows = build_prompt(
+                self.tokenizer, piece, speaker, base + ([previous] if previous is not None else [])
+            )
             if previous is not None and rows[0].shape[0] + limit > self.max_len:
-                rows = build_prompt(self.tokenizer, piece, speaker, self.context)
+                rows = build_prompt(self.tokenizer, piece, speaker, base)
         if rows[0].shape[0] >= self.max_len:
             raise SynthesisError(
                 f"the prompt takes {rows[0].shape[0]} of the model's {self.max_len} positions: "
@@ -261,7 +267,10 @@ class Synthesizer:
 
         for r in range(max(len(p) for p in pieces)):
             active = [b for b in range(len(reqs)) if r < len(pieces[b])]
-            built = [self.prompt(pieces[b][r], speakers[b], previous[b], reqs[b].prompt_ids) for b in active]
+            built = [
+                self.prompt(pieces[b][r], speakers[b], previous[b], reqs[b].prompt_ids, reqs[b].context)
+                for b in active
+            ]
             tokens, mask, pads = left_pad([rows for rows, _, _ in built])  # [A, S, 33] x2, [A]
             room = self.max_len - tokens.shape[1]  # the batch's KV cache holds S + frames positions
             limits = torch.tensor([min(limit, room) for _, limit, _ in built])  # [A]

@@ -149,11 +149,16 @@ def test_bench_synth_tiny():
 
 def test_bench_train_tiny_same_loss_as_transformers():
     pytest.importorskip("transformers")
-    res = bench_train_preset("tiny", rows=120, items=2, fractions=(1.0,), reps=1)
+    res = bench_train_preset("tiny", rows=120, items=2, fractions=(1.0,), reps=1, dtypes=("fp32", "bf16"))
     ours, theirs = res["cases"]["elise_f1"], res["cases"]["transformers_f1"]
     assert ours["tokens_per_s"] > 0 and theirs["tokens_per_s"] > 0 and ours["x_transformers"] > 0
     # same weights, same batch, same (full) decoder subset: the two losses agree after identical steps
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
+    # bf16 autocast on both sides: compared with each other and with fp32 (bf16 rounding: ~1e-3)
+    ours16, theirs16 = res["cases"]["elise_bf16_f1"], res["cases"]["transformers_bf16_f1"]
+    assert ours16["x_transformers"] > 0 and ours16["x_fp32"] > 0 and theirs16["x_fp32"] > 0
+    assert ours16["loss"] == pytest.approx(theirs16["loss"], rel=2e-2)
+    assert ours16["loss"] != ours["loss"] and ours16["loss"] == pytest.approx(ours["loss"], rel=2e-2)
 
 
 def test_gpu_part_skips_cleanly_without_cuda(capsys, tmp_path):
