@@ -11,7 +11,8 @@ The clips go to ``<out_dir>/clips/`` (24 kHz 16-bit wav) and one line per clip t
 ``<out_dir>/manifest.jsonl`` in ``data=manifest``'s layout (``audio``, ``text``, ``id``) plus where
 it came from (``source``, ``start``, ``end`` in seconds, ``transcript``: sidecar or the ASR's id).
 The user may correct texts or delete lines there: a rerun keeps the lines of every file already
-cut (same size, modification time, sidecar and cut settings) and only cuts new or changed files;
+cut (same bytes, sidecar and cut settings; a copy with new file times counts as the same) and only
+cuts new or changed files, whose lines are replaced;
 ``clips/`` keeps only the clips the manifest names.
 Files that give no clip (unreadable, no speech, a sidecar that cannot be split) and pieces too short
 to merge are returned as items with an error, so preparation's report counts them.
@@ -102,15 +103,17 @@ def _update(
     start, cut_files, cut_clips = time.perf_counter(), 0, 0
     for path in files:
         rel = path.relative_to(root).as_posix()
-        key = cutter.fingerprint(path)
-        if state.get(rel, {}).get("key") == key:
-            new_state[rel] = state[rel]
+        key, stat = cutter.fingerprint(path), _stat(path)
+        done = state.get(rel, {})
+        if done.get("key") == key and (done.get("stat") == stat or done.get("sha") == _sha(path, stat)):
+            new_state[rel] = {**done, "stat": stat}  # a copy with new times but the same bytes is done
             kept_rows += by_source.get(rel, [])
             continue
         _remove_clips(out, by_source.get(rel, []))
         file_rows, skipped = cutter.cut(path, rel, stems[rel])
         kept_rows += file_rows
-        new_state[rel] = {"key": key, "clips": len(file_rows), "skipped": skipped}
+        sha = _sha(path, stat)
+        new_state[rel] = {"key": key, "stat": stat, "sha": sha, "clips": len(file_rows), "skipped": skipped}
         cut_files, cut_clips = cut_files + 1, cut_clips + len(file_rows)
         _write_rows(out / MANIFEST, kept_rows + _rows_after(rel, files, root, by_source, new_state))
         _write_json(out / STATE, {"version": 1, "files": {**state, **new_state}})
@@ -126,8 +129,8 @@ def _update(
         f"then rerun): {out / MANIFEST}"
     )
     items = read_manifest(out / MANIFEST) if kept_rows else []
-    for rel, entry in new_state.items():
-        for where, reason, detail in entry["skipped"]:
+    for rel, done in new_state.items():
+        for where, reason, detail in done["skipped"]:
             items.append(
                 RawItem(where, "", None, None, (reason, detail if where == rel else f"{rel}: {detail}"))
             )
@@ -220,10 +223,9 @@ class _Cutter:
             )
 
     def fingerprint(self, path: Path) -> str:
-        """Changes when the file, its sidecar or a setting that shapes its clips changes."""
-        stat = path.stat()
+        """Changes when the file's sidecar or a setting that shapes its clips changes."""
         side = sidecar_text(path)
-        parts: dict[str, Any] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sidecar": side}
+        parts: dict[str, Any] = {"sidecar": side}
         parts.update(cut=[self.min_clip, self.max_clip, self.min_pause, self.pad, self.threshold])
         if side is None:  # only clips without a sidecar depend on the recogniser
             parts.update(transcribe=self.transcribe, asr_model=self.cfg.get("asr_model"))
@@ -301,6 +303,17 @@ class _Cutter:
         start, end = round(bounds[0], 3), round(bounds[1], 3)
         return {"audio": audio, "text": text, "id": clip_id, "source": rel, "start": start, "end": end,
                 "transcript": source}  # fmt: skip
+
+
+def _stat(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _sha(path: Path, stat: list[int]) -> str:
+    """The file's size and content hash (read only when its size and time are not those recorded)."""
+    with open(path, "rb") as f:
+        return f"{stat[0]}:{hashlib.file_digest(f, 'sha256').hexdigest()}"
 
 
 def _clip_stems(rels: list[Path]) -> dict[str, str]:

@@ -79,6 +79,7 @@ class Limits:
     max_upload_bytes: int = 10 * 2**20
     api_key: str | None = None
     model_name: str = "elise"
+    seed: int | None = None  # the seed of requests without one (None: a random one each)
 
 
 class Server:
@@ -115,7 +116,8 @@ class Server:
                           settings.stream_chunk_frames, on_step=metrics.step)  # fmt: skip
         voices = VoiceStore(synth, cfg.voices_dir, float(cfg.reference_max_seconds))
         limits = Limits(int(cfg.max_input_chars), float(cfg.time_limit_s), int(float(cfg.max_upload_mb) * 2**20),
-                        str(cfg.api_key) if cfg.api_key else None, str(cfg.model_name))  # fmt: skip
+                        str(cfg.api_key) if cfg.api_key else None, str(cfg.model_name),
+                        None if cfg.seed is None else int(cfg.seed))  # fmt: skip
         server = cls(synth, batcher, voices, metrics, limits)
         batcher.start()
         return server
@@ -167,7 +169,8 @@ class Server:
             pieces = self.synth.pieces(SynthRequest(text))
         except SynthesisError as err:
             raise ApiError(400, str(err), "input") from err
-        seed = secrets.randbelow(2**31) if body.seed is None else int(body.seed)
+        seed = self.limits.seed if body.seed is None else int(body.seed)
+        seed = secrets.randbelow(2**31) if seed is None else seed
         sampling = SamplingConfig(float(temperature), int(top_k), s.depth_temperature)
         return Job(pieces, voice.speaker, voice.context, sampling, seed, sink,
                    time.perf_counter() + self.limits.time_limit_s)  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,8 @@ def test_rerun_keeps_finished_files_and_the_users_corrections(tmp_path: Path) ->
     items = read_folder(settings(root), asr=NoASR())  # nothing transcribed again
     assert [it.text for it in items][:1] == ["Corrected by the user."] and len(items) == 3
     assert all((out / r["audio"]).stat().st_mtime_ns == mtimes[r["audio"]] for r in rows)
+    os.utime(root / "a.wav", (1e9, 1e9))  # copied without its times: the same bytes, still done
+    assert [it.text for it in read_folder(settings(root), asr=NoASR())] == [it.text for it in items]
 
     recording(root / "b.wav", SENTENCES[3:])  # changed: cut again; a.wav's lines stay
     (root / "a.wav").rename(root / "a2.wav")  # moved: new file; the old clips are removed

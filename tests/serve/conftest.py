@@ -47,9 +47,10 @@ def running_server(ckpt: Path, overrides: list[str]) -> Iterator[tuple[str, obje
         server.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
-    """One server per test module: max_batch=8, voices in a temp folder, no API key."""
+    """One server for the session (tests that change a limit restore it): max_batch=8, voices in a temp
+    folder, no API key."""
     voices = tmp_path_factory.mktemp("voices")
     with running_server(tiny_ckpt, ["max_batch=8", f"voices_dir={voices}"]) as s:
         yield s

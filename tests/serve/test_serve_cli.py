@@ -17,11 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_missing_checkpoint_is_one_line_exit_2(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "serve.py"), f"ckpt={tmp_path / 'nope.ckpt'}", "codec=tiny"],
-                         capture_output=True, text=True, env=ENV, timeout=120)  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "nope.ckpt" in out.stderr
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    from elise.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main("serve", [f"ckpt={tmp_path / 'nope.ckpt'}", "codec=tiny"])  # = python serve.py ...
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and len(err.strip().splitlines()) == 1 and "nope.ckpt" in err, err
 
 
 @pytest.mark.slow

@@ -95,3 +95,19 @@ def test_voice_upload_use_list_delete(served, tmp_path):
     assert httpx.delete(f"{url}/v1/audio/voices/me_1").status_code == 200
     assert httpx.delete(f"{url}/v1/audio/voices/me_1").status_code == 404
     assert "me_1" not in [v["name"] for v in httpx.get(f"{url}/v1/audio/voices").json()["data"]]
+
+
+def test_a_request_without_seed_gets_the_server_seed_or_a_random_one(served):
+    url, server = served
+    body = {"model": "elise", "input": "Hello there.", "voice": "default", "response_format": "pcm"}
+    seeds = {
+        httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60).headers["x-elise-seed"] for _ in range(2)
+    }
+    assert len(seeds) == 2  # random each time
+    server.limits.seed = 9
+    try:
+        r = httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60)
+        assert r.headers["x-elise-seed"] == "9"
+        assert r.content == httpx.post(f"{url}/v1/audio/speech", json={**body, "seed": 9}, timeout=60).content
+    finally:
+        server.limits.seed = None
