@@ -336,6 +336,7 @@ def test_folder_config_composes_and_inherits_the_shared_keys() -> None:
     assert cfg.data.max_tokens == compose("train", ["data=sample"]).data.max_tokens
 
 
+@pytest.mark.slow  # a subprocess (~15 s); the one-line path of prepare is guarded by tests/data/test_prepare.py
 def test_cli_missing_folder_exits_2_with_one_line(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "elise.prepare", "data=folder", f"data.root={tmp_path}/no such folder",
            "codec=tiny", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip
