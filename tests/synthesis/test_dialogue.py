@@ -15,12 +15,13 @@ from test_synthesize import config
 
 import elise.synthesis.engine as engine
 from elise.cli import verbatim_args
+from elise.codec import build_codec
 from elise.config import compose
 from elise.layout import EOS_CODE, NUM_CODEBOOKS
 from elise.synthesis import Segment, Settings, SynthesisError, Synthesizer, build_prompt
 from elise.synthesis.dialogue import converse, encode_voices, parse_script, read_scripts, read_voices
 from elise.synthesize import main, run
-from tests.conftest import tone
+from testkit import tone
 
 SPF, SR = 1920, 24_000
 SCRIPT = """# two speakers
@@ -248,6 +249,20 @@ def test_voices_folder_and_command_line_spelling(tiny_ckpt, tmp_path, voices):
     assert read_voices(dict(cfg.voices))["alice"].speaker == 1
     rows = run(dialogue(tiny_ckpt, tmp_path, voices, voices=voices["folder"], context_turns=0))
     assert [r["context"] for r in rows] == [[], [], []] and [r["speaker_id"] for r in rows] == [0, 1, 0]
+    # the server's voices (elise.serve.voices: <name>.json + <name>.npy codes) are voices too
+    folder = tmp_path / "served"
+    folder.mkdir()
+    codes = np.arange(NUM_CODEBOOKS * 4).reshape(NUM_CODEBOOKS, 4).astype(np.int16)
+    np.save(folder / "bob.npy", codes)
+    (folder / "bob.json").write_text(json.dumps({"text": "Bob here.", "speaker": 0, "codec": "other"}))
+    [bob] = read_voices(str(folder)).values()
+    with pytest.raises(SynthesisError, match="voice 'bob' was encoded with codec other, not tiny"):
+        encode_voices({"bob": bob}, build_codec("tiny"))
+    bob.stored = (bob.stored[0], bob.stored[1], build_codec("tiny").identity)
+    encode_voices({"bob": bob}, build_codec("tiny"))
+    assert bob.prompt[0].text == "Bob here." and torch.equal(
+        bob.prompt[0].codes, torch.from_numpy(codes).long()
+    )
     with pytest.raises(SynthesisError, match="voices.alice: reference audio .* lasts 1.5 s; the limit"):
         run(dialogue(tiny_ckpt, tmp_path, voices, "x", reference_max_seconds=1.0))
     with pytest.raises(SynthesisError, match="not both"):
