@@ -110,7 +110,7 @@ def _load(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
-    loaded = load(cfg.ckpt, device)
+    loaded = load(cfg.ckpt, device, cfg.get("base"))
     check(loaded.speakers)  # an unknown speaker fails before the codec loads
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
     codec_node = cfg.get("codec")  # absent when no codec= is given: the checkpoint's own
