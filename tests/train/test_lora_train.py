@@ -274,3 +274,23 @@ def test_lora_ckpt_synthesizes_and_its_export_gives_transformers_the_same_greedy
     frames = theirs.shape[1]  # transformers stops at an all-zero codebook-0 frame
     assert frames >= 2 and torch.equal(theirs, ours[0, :, :frames])
     assert not torch.equal(before, ours)  # the adapters matter
+
+
+def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, tmp_path, capsys):
+    """experiment=voice's before/after: elise.evaluate on the held-out clip with the base at the start
+    and the LoRA checkpoint at the end; the summary prints both."""
+    _, _, overrides, _ = voice_run
+    extra = [
+        "trainer.max_steps=2",
+        "+voice_eval.clips=1",
+        "+voice_eval.metrics=[wer,sim]",
+        "+voice_eval.asr=pocketsphinx",
+    ]
+    run(tmp_path, [*overrides, *extra])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("voice eval on 1 held-out clips"))
+    assert "wer " in line and "sim " in line and " -> " in line and "nan" not in line
+    for name in ("before", "after"):
+        report = json.loads((tmp_path / "voice_eval" / name / "eval_report.json").read_text())
+        assert report["summary"]["counts"]["items"] == 1
+    assert len(list((tmp_path / "voice_eval" / "held_out").glob("*.wav"))) == 1
