@@ -318,6 +318,11 @@ def summary(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path, metrics: dict[s
         f"trained {trainer.global_step} steps (trainer.max_steps={cfg.trainer.max_steps}); {losses or 'no loss logged'}",
         f"run dir: {run_dir}",
     ]
+    if ckpt and cfg.get("lora"):
+        mb = Path(ckpt).stat().st_size / 1e6  # adapters + their AdamW state, not the base
+        lines.append(
+            f"LoRA checkpoint: {mb:.1f} MB (adapters over base init_from={cfg.init_from}, sha256 recorded)"
+        )
     if ckpt:
         lines += [
             f"checkpoint: {ckpt}",

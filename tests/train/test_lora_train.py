@@ -5,6 +5,7 @@ reference to its base, loads merged, resumes after SIGTERM, and refuses a differ
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -222,3 +223,54 @@ def test_lora_user_errors_are_one_line_exit_2(fast_overrides, tmp_path, capsys, 
         train_main(cfg)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and expected in err and "\n" not in err
+
+
+def test_lora_ckpt_synthesizes_and_its_export_gives_transformers_the_same_greedy_codes(voice_run, tmp_path):
+    """synthesize.py ckpt=<LoRA ckpt> (base from the record; fused + int8 after merging) runs, and
+    ``elise.export`` of it is a plain directory on which transformers' greedy generate gives elise's codes."""
+    import numpy as np
+
+    transformers = pytest.importorskip("transformers")
+    from elise.export import export_checkpoint
+    from elise.generate import SamplingConfig, generate
+    from elise.layout import segment_rows
+    from elise.synthesize import run as synthesize
+
+    tmp, base, _, _ = voice_run
+    lora = tmp / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose("synthesize", [])
+    settings = {
+        "ckpt": str(lora), "text": "Hello there.", "seed": 0, "device": "cpu", "quantize": "int8",
+        "max_audio_seconds": 0.64, "save_codes": True, "output": str(tmp_path / "lora.wav"),
+    }  # fmt: skip
+    for key, value in settings.items():
+        cfg[key] = value
+    synthesize(cfg)
+    assert np.load(tmp_path / "lora.codes.npy").shape[0] == 32
+
+    files = export_checkpoint(lora, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "elise.json").read_text())
+    assert record["lora_merged_into"]["sha256"] == weights_sha256(base)
+    assert sum(f.stat().st_size for f in files) > lora.stat().st_size  # a full, plain model
+    hf, info = transformers.CsmForConditionalGeneration.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not [k for k in info["missing_keys"] if not k.startswith("codec_model.")]
+    loaded = load_model(lora)
+    text_ids = loaded.tokenizer.encode("[0]Hello there.")
+    tokens, mask = segment_rows(text_ids, None, eos=False)
+    spare = [2048, 2049, 2050]
+    with torch.no_grad():
+        ours, _ = generate(
+            loaded.model, tokens[None], mask[None], 6, SamplingConfig(1.0, 1), stop_on_eos=False
+        )
+        before, _ = generate(
+            load_model(base).model, tokens[None], mask[None], 6, SamplingConfig(1.0, 1), stop_on_eos=False
+        )
+        theirs = hf.eval().generate(
+            input_ids=torch.tensor([text_ids]), max_new_tokens=6, do_sample=False,
+            depth_decoder_do_sample=False, suppress_tokens=spare, depth_decoder_suppress_tokens=spare,
+        )[0].t()  # fmt: skip
+    frames = theirs.shape[1]  # transformers stops at an all-zero codebook-0 frame
+    assert frames >= 2 and torch.equal(theirs, ours[0, :, :frames])
+    assert not torch.equal(before, ours)  # the adapters matter
