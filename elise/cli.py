@@ -32,8 +32,8 @@ VERBATIM_KEYS = frozenset(
     {
         "text", "reference_text", "text_file", "reference_audio", "output", "output_dir", "ckpt",
         "ckpt_path", "init_from", "out", "codec_config", "run_dir", "metrics_out", "data.path",
-        "data.root", "data.out_dir", "data.asr_model", "codec.weights", "hydra.run.dir", "voices_dir", "api_key",
-        "dialogue", "dialogue_file", "voices",
+        "data.root", "data.out_dir", "data.asr_model", "codec.weights", "hydra.run.dir", "voices_dir", "api_key", "base",
+        "dialogue", "dialogue_file", "voices", "audio", "eval_set", "asr.model", "sim.model",
     }
 )  # fmt: skip
 TEXT_KEYS = frozenset({"text", "reference_text"})  # "null" typed here is a sentence, not None
@@ -298,6 +298,7 @@ COMMANDS = {
     "report": ("report", "elise.report:main", "python -m elise.report"),
     "model_info": ("model_info", "elise.model.__main__:main", "python -m elise.model"),
     "bench": ("bench", "elise.bench.__main__:main", "python -m elise.bench"),
+    "evaluate": ("evaluate", "elise.evaluate.run:main", "python -m elise.evaluate"),
 }
 
 

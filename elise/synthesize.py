@@ -110,7 +110,7 @@ def _load(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
-    loaded = load(cfg.ckpt, device)
+    loaded = load(cfg.ckpt, device, cfg.get("base"))
     check(loaded.speakers)  # an unknown speaker fails before the codec loads
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
     codec_node = cfg.get("codec")  # absent when no codec= is given: the checkpoint's own
@@ -172,8 +172,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     """Generate the conversation(s) of ``dialogue``/``dialogue_file`` (``elise.synthesis.dialogue``) into
-    ``output_dir``: ``conversation.wav`` (turns joined with ``pause_ms``), ``turns/NNN_<speaker>.wav`` and
-    ``timeline.json`` (rewritten after every turn); a folder of scripts gets one such folder per script.
+    ``output_dir``: ``conversation.wav`` (turns joined with ``pause_ms``), ``turns/NNN_<speaker>.wav`` (and
+    its text as ``.txt``: ``python -m elise.evaluate audio=<dir>/turns`` scores them) and ``timeline.json``
+    (rewritten after every turn); a folder of scripts gets one such folder per script.
     Returns one dict per turn (its timeline entry, ``conversation`` and ``path`` added)."""
     if _typed(cfg, "text") is not None or cfg.text_file:
         raise SynthesisError("pass text/text_file or dialogue/dialogue_file, not both")
@@ -218,6 +219,9 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
         path = folders[c] / "turns" / f"{name}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_wav(path, turn.audio.numpy(), synth.sample_rate)
+        path.with_suffix(".txt").write_text(
+            turn.text + "\n", encoding="utf-8"
+        )  # elise.evaluate audio=<turns>
         if cfg.save_codes:
             np.save(path.with_suffix(".codes.npy"), turn.codes.numpy().astype(np.int64))  # [32, frames]
         wavs[c].append(str(path.relative_to(folders[c])))

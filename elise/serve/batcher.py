@@ -212,9 +212,11 @@ class Batcher:
     def _admit(self, job: Job) -> None:
         """Prefill ``job``'s next piece into the next free row (a failing prompt fails only this job)."""
         job.piece += 1
-        self.synth.context = job.context  # the worker is the Synthesizer's only user
         try:
-            (tokens, mask), limit, floor = self.synth.prompt(job.pieces[job.piece], job.speaker, job.previous)
+            piece = job.pieces[job.piece]
+            (tokens, mask), limit, floor = self.synth.prompt(
+                piece, job.speaker, job.previous, None, job.context
+            )
             if tokens.shape[0] >= self.max_len:
                 raise SynthesisError(
                     f"the prompt takes {tokens.shape[0]} of the server's {self.max_len} positions"

@@ -14,6 +14,7 @@ conversation sounds the same alone or in a batch (unless a batch's longest promp
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from elise.synthesis.engine import Request, Synthesizer, resolve_speaker
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.prompt import Segment, check_references, load_references
 from elise.synthesis.text import max_frames, normalize
-from elise.text import encode_prompt
+from elise.text import Tokenizer, encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -121,54 +122,78 @@ class Voice:
     speaker: int | str
     clips: list[tuple[str, str, np.ndarray]] = field(default_factory=list)  # check_references' output
     prompt: list[Segment] = field(default_factory=list)  # the clips encoded (encode_voices)
+    stored: tuple[str, Tensor, str] | None = (
+        None  # a server voice: (transcript, codes [32, T], codec identity)
+    )
 
 
 def read_voices(voices: object, max_seconds: float | None = 30.0) -> dict[str, Voice]:
     """Check and read the voices before any model loads.
 
     ``voices``: ``{name: {audio: a.wav | [..], text: "what it says" | [..], speaker: id or name}}``
-    (each key optional; no speaker: the voice's position 0, 1, ...), or a folder of ``<name>.wav``
-    (or .flac/.mp3/.ogg) clips each with a ``<name>.txt`` transcript.
+    (each key optional; no speaker: the voice's position 0, 1, ...), or a folder: ``<name>.wav`` (or
+    .flac/.mp3/.ogg) clips each with a ``<name>.txt`` transcript, and the voices the server keeps
+    (``<name>.json`` + ``<name>.npy``, ``elise.serve.voices``); the i-th name in sorted order speaks
+    as speaker i.
     """
     if voices is None or voices == "":
         return {}
-    entries = _folder_voices(Path(str(voices))) if isinstance(voices, str | Path) else voices
-    if not isinstance(entries, Mapping):
+    if isinstance(voices, str | Path):
+        return _folder_voices(Path(str(voices)), max_seconds)
+    if not isinstance(voices, Mapping):
         raise SynthesisError("voices= must be {name: {audio: <file>, text: <what it says>}, ...} or a folder")
     out = {}
-    for i, (name, entry) in enumerate(entries.items()):
+    for i, (name, entry) in enumerate(voices.items()):
         name = str(name)
         if not isinstance(entry, Mapping):
             raise SynthesisError(f"voices.{name} must be {{audio: <file>, text: <what it says>}}")
         unknown = sorted(set(map(str, entry)) - set(VOICE_KEYS))
         if unknown:
             raise SynthesisError(f"voices.{name}: unknown key {unknown[0]!r} (use {', '.join(VOICE_KEYS)})")
-        try:
-            clips = check_references(entry.get("audio"), entry.get("text"), max_seconds)
-        except SynthesisError as err:
-            raise SynthesisError(f"voices.{name}: {err}") from err
         speaker = entry.get("speaker")
-        out[name] = Voice(name, i if speaker is None else speaker, clips)
+        out[name] = Voice(name, i if speaker is None else speaker, _clips(name, entry, max_seconds))
     return out
 
 
-def _folder_voices(folder: Path) -> dict[str, dict[str, Any]]:
+def _clips(name: str, entry: Mapping, max_seconds: float | None) -> list[tuple[str, str, np.ndarray]]:
+    try:
+        return check_references(entry.get("audio"), entry.get("text"), max_seconds)
+    except SynthesisError as err:
+        raise SynthesisError(f"voices.{name}: {err}") from err
+
+
+def _folder_voices(folder: Path, max_seconds: float | None) -> dict[str, Voice]:
     if not folder.is_dir():
         raise SynthesisError(
             f"voices={folder} is not a folder (or give voices={{name: {{audio: ..., text: ...}}}})"
         )
-    entries = {}
-    for clip in sorted(p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES):
-        transcript = clip.with_suffix(".txt")
-        if not transcript.is_file():
-            raise SynthesisError(f"voice {clip} has no transcript {transcript.name} next to it")
+    clips = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES}
+    stored = {p.stem: p for p in folder.glob("*.json") if p.with_suffix(".npy").is_file()}
+    out = {}
+    for i, name in enumerate(sorted(clips.keys() | stored.keys())):
         try:
-            entries[clip.stem] = {"audio": str(clip), "text": transcript.read_text(encoding="utf-8").strip()}
-        except (OSError, UnicodeDecodeError) as err:
-            raise SynthesisError(f"cannot read {transcript}: {one_line(err)}") from err
-    if not entries:
-        raise SynthesisError(f"voices={folder} holds no audio clips ({', '.join(AUDIO_SUFFIXES)})")
-    return entries
+            if name in clips:
+                transcript = clips[name].with_suffix(".txt")
+                if not transcript.is_file():
+                    raise SynthesisError(
+                        f"voice {clips[name]} has no transcript {transcript.name} next to it"
+                    )
+                entry = {"audio": str(clips[name]), "text": transcript.read_text(encoding="utf-8").strip()}
+                out[name] = Voice(name, i, _clips(name, entry, max_seconds))
+            else:
+                meta = json.loads(stored[name].read_text(encoding="utf-8"))
+                codes = np.load(
+                    stored[name].with_suffix(".npy"), allow_pickle=False
+                )  # [32, T], nothing unpickled
+                voice = (str(meta["text"]), torch.from_numpy(codes.astype(np.int64)), str(meta.get("codec")))
+                out[name] = Voice(name, i, stored=voice)
+        except SynthesisError:
+            raise
+        except (OSError, UnicodeDecodeError, ValueError, KeyError) as err:
+            raise SynthesisError(f"cannot read voice {name!r} in {folder}: {one_line(err)}") from err
+    if not out:
+        raise SynthesisError(f"voices={folder} holds no voices (<name>.wav + <name>.txt, or the server's)")
+    return out
 
 
 def resolve_voices(scripts: list[Script], voices: dict[str, Voice], speakers: dict[str, int]) -> None:
@@ -195,6 +220,14 @@ def resolve_voices(scripts: list[Script], voices: dict[str, Voice], speakers: di
 def encode_voices(voices: dict[str, Voice], codec: Any, max_seconds: float | None = 30.0) -> None:
     """Encode every voice's clips into its prompt segments (once; each turn reuses them)."""
     for voice in voices.values():
+        if voice.stored is not None:
+            text, codes, identity = voice.stored
+            if identity != str(codec.identity):
+                raise SynthesisError(
+                    f"voice {voice.name!r} was encoded with codec {identity}, not {codec.identity}"
+                )
+            voice.prompt = [Segment(text, voice.speaker, codes)]
+            continue
         paths, texts = [c[0] for c in voice.clips], [c[1] for c in voice.clips]
         voice.prompt = load_references(paths, texts, voice.speaker, codec, max_seconds, voice.clips)
 
@@ -219,7 +252,6 @@ class TurnResult:
     context: list[int]  # the turns (numbers) in its prompt, oldest first
     dropped: int  # earlier turns left out for room (not counting context_turns)
     prompt_rows: int  # rows of its first piece's prompt
-    max_frames: int  # its longest piece's frame limit
     seed: int
 
     def timeline(self) -> dict[str, Any]:
@@ -260,7 +292,6 @@ class Plan:
     dropped: int
     need: int  # text rows + frame limit of its largest piece
     text_rows: int  # of its first piece
-    max_frames: int
     seed: int
 
     def context(self) -> list[Segment]:
@@ -316,7 +347,7 @@ def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], pau
             turn=len(conv.turns) + 1, line=p.turn.line, speaker=p.turn.speaker, speaker_id=p.speaker,
             text=p.turn.text, audio=res.audio, codes=res.codes, eos=all(res.eos), start=start,
             end=start + res.audio.numel() / sr, context=[n for n, _ in p.kept], dropped=p.dropped,
-            prompt_rows=_rows(synth, p.context()) + p.text_rows, max_frames=p.max_frames, seed=p.seed,
+            prompt_rows=_rows(synth, p.context()) + p.text_rows, seed=p.seed,
         )  # fmt: skip
         conv.turns.append(turn)
         if res.codes.shape[1] > 0:
@@ -335,7 +366,7 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
     prompts = [seg for name in names if name in voices for seg in voices[name].prompt]
     pieces = synth.pieces(Request(turn.text))
     limits = [max_frames(p, s.max_audio_seconds, s.bound) for p in pieces]
-    text_rows = [len(encode_prompt(synth.tokenizer, p, speaker)) for p in pieces]  # type: ignore[arg-type]
+    text_rows = [len(encode_prompt(_tokenizer(synth), p, speaker)) for p in pieces]
     need = max(r + n for r, n in zip(text_rows, limits, strict=True))
     fixed = _rows(synth, prompts) + need
     if fixed > synth.max_len:
@@ -343,17 +374,13 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
             f"{conv.script.source} line {turn.line}: the voice prompts and this turn need {fixed} of the "
             f"model's {synth.max_len} positions; use shorter voice clips or split the turn"
         )
-    history = (
-        conv.history if context_turns is None else conv.history[max(0, len(conv.history) - context_turns) :]
-    )
-    history = history if context_turns != 0 else []
+    latest = len(conv.history) if context_turns is None else context_turns
+    history = conv.history[max(0, len(conv.history) - latest) :]
     kept = list(history)
     while kept and fixed + _rows(synth, [seg for _, seg in kept]) > synth.max_len:
         kept.pop(0)
     seed = int(s.seed) + SEED_STRIDE * c + k + 1
-    return Plan(
-        c, turn, speaker, prompts, kept, len(history) - len(kept), need, text_rows[0], max(limits), seed
-    )
+    return Plan(c, turn, speaker, prompts, kept, len(history) - len(kept), need, text_rows[0], seed)
 
 
 def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
@@ -374,10 +401,16 @@ def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
 
 def _rows(synth: Synthesizer, segments: list[Segment]) -> int:
     """Prompt rows of context segments: text rows, audio rows and the EOS row each."""
-    tok = synth.tokenizer
+    tok = _tokenizer(synth)
     return sum(
         len(encode_prompt(tok, seg.text, seg.speaker)) + int(seg.codes.shape[1]) + 1 for seg in segments
-    )  # type: ignore[arg-type]
+    )
+
+
+def _tokenizer(synth: Synthesizer) -> Tokenizer:
+    if synth.tokenizer is None:
+        raise SynthesisError("a conversation needs the model's tokenizer (this Synthesizer has none)")
+    return synth.tokenizer
 
 
 def _log_context(script: Script, k: int, plan: Plan, max_len: int) -> None:

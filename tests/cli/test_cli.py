@@ -106,6 +106,7 @@ def test_help_lists_own_keys_with_meanings(command):
         "report": ["run_dir=???", "metrics.csv"],
         "model_info": ["model.backbone.dim=128", "width"],
         "bench": ["part=all", "all | synth | train | data | gpu", "threads=2"],
+        "evaluate": ["audio=null", "JSONL manifest", "asr=<auto | pocketsphinx | whisper>"],
     }[command]
     assert all(word in text for word in expected), text
     assert not [line for line in text.splitlines() if line.startswith(("  hydra.", "  paths."))]

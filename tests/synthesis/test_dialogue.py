@@ -12,15 +12,17 @@ import pytest
 import soundfile as sf
 import torch
 from test_synthesize import config
+from testkit import tone
 
 import elise.synthesis.engine as engine
 from elise.cli import verbatim_args
+from elise.codec import build_codec
 from elise.config import compose
+from elise.evaluate.sources import Skipped, read_audio_items
 from elise.layout import EOS_CODE, NUM_CODEBOOKS
 from elise.synthesis import Segment, Settings, SynthesisError, Synthesizer, build_prompt
 from elise.synthesis.dialogue import converse, encode_voices, parse_script, read_scripts, read_voices
 from elise.synthesize import main, run
-from tests.conftest import tone
 
 SPF, SR = 1920, 24_000
 SCRIPT = """# two speakers
@@ -132,6 +134,9 @@ def test_two_speakers_timeline_joined_wav_and_turn_files(tiny_ckpt, tmp_path, vo
         np.testing.assert_array_equal(joined[start : start + piece.shape[0]], piece)
         assert np.load((out / t["wav"]).with_suffix(".codes.npy")).shape == (NUM_CODEBOOKS, t["frames"])
     assert [t["context"] for t in turns] == [[], [1], [1, 2]]
+    # python -m elise.evaluate audio=<out>/turns scores the turns: each wav has its text beside it
+    items = read_audio_items(out / "turns", Skipped())
+    assert [(Path(i.wav).name, i.text) for i in items] == [(Path(t["wav"]).name, t["text"]) for t in turns]
 
 
 def test_same_seed_same_conversation(tiny_ckpt, tmp_path, voices):
@@ -161,6 +166,7 @@ def test_turn_prompts_hold_the_voices_and_previous_turns(tiny_ckpt, voices, monk
     encode_voices(vs, s.codec)
     [conv] = converse(s, [parse_script(SCRIPT)], vs)
     voice_prompt = vs["alice"].prompt + vs["bob"].prompt
+    assert conv.audio(torch.zeros(7)).numel() == 3 * 5 * SPF + 2 * 7  # turns joined by the pause
     assert len(prompts) == 3 and all(t.codes.shape == (NUM_CODEBOOKS, 5) for t in conv.turns)
     for k, turn in enumerate(conv.turns):
         previous = [Segment(t.text, t.speaker_id, t.codes) for t in conv.turns[:k]]
@@ -248,6 +254,20 @@ def test_voices_folder_and_command_line_spelling(tiny_ckpt, tmp_path, voices):
     assert read_voices(dict(cfg.voices))["alice"].speaker == 1
     rows = run(dialogue(tiny_ckpt, tmp_path, voices, voices=voices["folder"], context_turns=0))
     assert [r["context"] for r in rows] == [[], [], []] and [r["speaker_id"] for r in rows] == [0, 1, 0]
+    # the server's voices (elise.serve.voices: <name>.json + <name>.npy codes) are voices too
+    folder = tmp_path / "served"
+    folder.mkdir()
+    codes = np.arange(NUM_CODEBOOKS * 4).reshape(NUM_CODEBOOKS, 4).astype(np.int16)
+    np.save(folder / "bob.npy", codes)
+    (folder / "bob.json").write_text(json.dumps({"text": "Bob here.", "speaker": 0, "codec": "other"}))
+    [bob] = read_voices(str(folder)).values()
+    with pytest.raises(SynthesisError, match="voice 'bob' was encoded with codec other, not tiny"):
+        encode_voices({"bob": bob}, build_codec("tiny"))
+    bob.stored = (bob.stored[0], bob.stored[1], build_codec("tiny").identity)
+    encode_voices({"bob": bob}, build_codec("tiny"))
+    assert bob.prompt[0].text == "Bob here." and torch.equal(
+        bob.prompt[0].codes, torch.from_numpy(codes).long()
+    )
     with pytest.raises(SynthesisError, match="voices.alice: reference audio .* lasts 1.5 s; the limit"):
         run(dialogue(tiny_ckpt, tmp_path, voices, "x", reference_max_seconds=1.0))
     with pytest.raises(SynthesisError, match="not both"):

@@ -1,0 +1,119 @@
+"""Checkpoint mode: synthesize the evaluation set with ``elise.synthesis.Synthesizer`` (one pass per
+reference voice), keep the wavs, then score them. ``evaluate_checkpoint`` is the Python entry."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from elise.data.audio import write_wav
+from elise.evaluate.report import summary_table, write_report
+from elise.evaluate.score import Scorer
+from elise.evaluate.sources import RATE, Item, Line
+from elise.synthesis.engine import Request, Settings, Synthesizer
+from elise.synthesis.prompt import as_list, check_references
+from elise.synthesis.text import LengthBound
+
+log = logging.getLogger("elise.evaluate")
+
+
+def voices(reference_audio: object, reference_text: object) -> list[tuple[str | None, str | None]]:
+    """(clip, transcript) per reference voice; [(None, None)] without one (the checkpoint's own voice)."""
+    clips, texts = [str(p) for p in as_list(reference_audio)], [str(t) for t in as_list(reference_text)]
+    if not clips:
+        return [(None, None)]
+    if len(texts) != len(clips):
+        raise ValueError(f"reference_text needs one transcript per reference_audio clip ({len(clips)})")
+    return list(zip(clips, texts, strict=True))
+
+
+def synthesize_lines(synth: Synthesizer, lines: Sequence[Line], out: Path, voice_list: list, max_seconds: float,
+                     progress: bool = True) -> list[Item]:  # fmt: skip
+    """Every line with every voice: wavs under ``out/wavs`` (``<id>.wav``, ``v<k>_<id>.wav`` per voice)."""
+    from tqdm import tqdm
+
+    wav_dir = out / "wavs"
+    wav_dir.mkdir(parents=True, exist_ok=True)
+    items: list[Item] = []
+    bs = max(1, int(synth.settings.batch_size))
+    bar = tqdm(total=len(lines) * len(voice_list), desc="synthesize", unit="utt", disable=not progress)
+    for v, (clip, text) in enumerate(voice_list):
+        clips = check_references(clip, text, max_seconds) if clip else None
+        synth.set_voice(clip, text, max_seconds, clips)
+        for start in range(0, len(lines), bs):
+            batch = lines[start : start + bs]
+            results = synth.synthesize([Request(line.text) for line in batch])
+            for line, result in zip(batch, results, strict=True):
+                name = f"{line.id}.wav" if len(voice_list) == 1 else f"v{v}_{line.id}.wav"
+                audio = result.audio.numpy()
+                write_wav(wav_dir / name, audio, result.sample_rate)
+                if result.sample_rate != RATE:
+                    from elise.data.audio import resample
+
+                    audio = resample(audio, result.sample_rate, RATE)
+                items.append(Item(line.id, line.text, str(wav_dir / name), audio, kind=line.kind, reference=clip,
+                                  eos=all(result.eos), rtf=result.metrics["rtf"],
+                                  voice=v if clip else None))  # fmt: skip
+            bar.update(len(batch))
+    bar.close()
+    return items
+
+
+def evaluate_checkpoint(
+    ckpt: str,
+    texts: Sequence[str] | Sequence[Line],
+    out: str | Path,
+    reference_audio: object = None,
+    reference_text: object = None,
+    speaker_ref: Sequence[str] | None = None,
+    *,
+    codec: dict[str, Any] | str | None = None,
+    device: str = "cpu",
+    dtype: str = "auto",
+    metrics: Sequence[str] | None = None,
+    asr: str = "auto",
+    asr_model: str | None = None,
+    sim: str = "auto",
+    sim_model: str | None = None,
+    mos: str = "auto",
+    reference_max_seconds: float = 30.0,
+    scorer: Scorer | None = None,
+    progress: bool = True,
+    **synth_settings: Any,
+) -> dict[str, Any]:
+    """Synthesize ``texts`` with checkpoint ``ckpt`` into ``out/wavs``, score them, write the reports in
+    ``out``; returns the eval_report dict. ``synth_settings`` are ``Settings`` fields (temperature, top_k,
+    seed, batch_size, speaker, ...); ``length`` may be a ``LengthBound`` or a dict of its fields."""
+    out = Path(out)
+    lines = [t if isinstance(t, Line) else Line(f"{i + 1:04d}", str(t)) for i, t in enumerate(texts)]
+    voice_list = voices(reference_audio, reference_text)
+    if scorer is None:
+        from elise.evaluate.score import METRICS
+
+        scorer = Scorer(metrics or METRICS, asr, asr_model, sim, sim_model, mos, device)
+    length = synth_settings.pop("length", None)
+    settings = Settings(**synth_settings)
+    if isinstance(length, LengthBound):
+        settings.bound = length
+    elif length:
+        settings.bound = LengthBound(**dict(length))
+    t0 = time.perf_counter()
+    synth = Synthesizer.load(ckpt, codec, device, dtype, settings=settings)
+    load_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    items = synthesize_lines(synth, lines, out, voice_list, reference_max_seconds, progress)
+    synth_seconds = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    report = scorer.score(items, speaker_ref)
+    report["run"] = {
+        "ckpt": str(ckpt), "codec": synth.codec.identity, "random_codec": bool(getattr(synth.codec, "random_weights", False)),
+        "settings": {k: v for k, v in vars(settings).items() if k != "bound"} | {"length": vars(settings.bound)},
+        "load_seconds": round(load_seconds, 2), "synthesis_seconds": round(synth_seconds, 2),
+        "scoring_seconds": round(time.perf_counter() - t2, 2),
+    }  # fmt: skip
+    write_report(report, out)
+    log.info("%s\n%s", out / "eval_report.md", summary_table(report["summary"]))
+    return report
