@@ -8,8 +8,9 @@ voice prompts always stay) and the log says so; ``context_turns`` caps the turns
 
 Several scripts are independent conversations generated side by side: round k generates turn k of
 every conversation that has one, as one engine batch (``Request.context`` carries each conversation's
-own context). Turn k of conversation c samples with seed ``settings.seed + 1000 * c + k + 1``, so a
-conversation sounds the same alone or in a batch (unless a batch's longest prompt leaves it less room).
+own context). Turn k of conversation c samples with seed ``settings.seed + 1000 * c + k + 1``, so the
+audio does not depend on ``batch_size``, except that prompts of a batch are left-padded to the longest:
+when the longest prompt would leave another item's turn too few positions, it gives up old turns.
 """
 
 from __future__ import annotations
@@ -290,8 +291,8 @@ class Plan:
     voices: list[Segment]
     kept: list[tuple[int, Segment]]
     dropped: int
-    need: int  # text rows + frame limit of its largest piece
-    text_rows: int  # of its first piece
+    text_rows: list[int]  # per piece
+    limits: list[int]  # frame limit per piece
     seed: int
 
     def context(self) -> list[Segment]:
@@ -347,7 +348,7 @@ def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], pau
             turn=len(conv.turns) + 1, line=p.turn.line, speaker=p.turn.speaker, speaker_id=p.speaker,
             text=p.turn.text, audio=res.audio, codes=res.codes, eos=all(res.eos), start=start,
             end=start + res.audio.numel() / sr, context=[n for n, _ in p.kept], dropped=p.dropped,
-            prompt_rows=_rows(synth, p.context()) + p.text_rows, seed=p.seed,
+            prompt_rows=_rows(synth, p.context()) + p.text_rows[0], seed=p.seed,
         )  # fmt: skip
         conv.turns.append(turn)
         if res.codes.shape[1] > 0:
@@ -380,17 +381,17 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
     while kept and fixed + _rows(synth, [seg for _, seg in kept]) > synth.max_len:
         kept.pop(0)
     seed = int(s.seed) + SEED_STRIDE * c + k + 1
-    return Plan(c, turn, speaker, prompts, kept, len(history) - len(kept), need, text_rows[0], seed)
+    return Plan(c, turn, speaker, prompts, kept, len(history) - len(kept), text_rows, limits, seed)
 
 
 def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
-    """Prompts of a batch are left-padded to the longest: drop old turns of the longest contexts until
-    every item still has room for its frames (a conversation alone never needs this)."""
+    """Prompts of a batch are left-padded to the longest: drop old turns of the longest prompts until
+    the batch's longest frame limit still fits after them (a conversation alone never needs this)."""
     if len(plans) < 2:
         return
     while True:
-        rows = [_rows(synth, p.context()) for p in plans]
-        if max(rows) + max(p.need for p in plans) <= synth.max_len:
+        rows = [_rows(synth, p.context()) + max(p.text_rows) for p in plans]
+        if max(rows) + max(max(p.limits) for p in plans) <= synth.max_len:
             return
         longest = max((i for i, p in enumerate(plans) if p.kept), key=lambda i: rows[i], default=None)
         if longest is None:

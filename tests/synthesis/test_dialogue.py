@@ -22,6 +22,7 @@ from elise.evaluate.sources import Skipped, read_audio_items
 from elise.layout import EOS_CODE, NUM_CODEBOOKS
 from elise.synthesis import Segment, Settings, SynthesisError, Synthesizer, build_prompt
 from elise.synthesis.dialogue import converse, encode_voices, parse_script, read_scripts, read_voices
+from elise.synthesis.text import LengthBound
 from elise.synthesize import main, run
 
 SPF, SR = 1920, 24_000
@@ -209,6 +210,18 @@ def test_long_script_stays_within_the_positions_and_logs_dropped_turns(tiny_ckpt
     assert len(dropped) == sum(t.dropped > 0 for t in conv.turns) > 0
     [capped] = converse(s, [script], context_turns=1)
     assert [t.context for t in capped.turns] == [[]] + [[k] for k in range(1, 5)]
+    # in a batch, prompts are left-padded to the longest: a long context must not take the frames of
+    # another conversation's longer turn (the longest prompt gives up old turns instead)
+    calls.clear()
+    s.settings.batch_size, s.settings.max_audio_seconds = 2, None
+    s.settings.bound = LengthBound(seconds_per_char=0.04, margin=1.0, extra_seconds=0.0)  # 0.5 frame/char
+    longer = parse_script("\n".join(f"{i % 2}: Turn {i}, a much longer one here, yes." for i in range(5)))
+    convs = converse(s, [script, longer])
+    assert max(calls) <= 140
+    assert [t.codes.shape[1] for t in convs[0].turns] == [10] * 5 and [
+        t.codes.shape[1] for t in convs[1].turns
+    ] == [18] * 5
+    assert [t.context for t in convs[0].turns] == [[], [1], [1, 2], [2, 3], [3, 4]]  # alone: [1, 2, 3] ...
 
 
 def test_folder_of_scripts_in_one_batch_equals_one_by_one(tiny_ckpt, tmp_path, voices):
