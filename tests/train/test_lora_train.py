@@ -335,3 +335,16 @@ def test_readme_voice_command_runs_offline_on_recordings_made_at_test_time(voice
     ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["hyper_parameters"]["lora"]["rank"] == 4
     assert all(is_lora_key(k) for k in ckpt["state_dict"])
+
+
+def test_resuming_on_a_different_base_is_refused(voice_run, tmp_path):
+    tmp, base, overrides, _ = voice_run
+    other = tmp_path / "other.ckpt"
+    shutil.copy(base, other)
+    with open(other, "ab") as f:  # different bytes: a different base as far as the record goes
+        f.write(b"\0")
+    resumed = [o for o in overrides if not o.startswith("init_from=")]
+    ckpt = tmp / "run" / "checkpoints" / "step0000004.ckpt"
+    with pytest.raises(CheckpointError, match="adapters were trained on base") as err:
+        run(tmp_path / "run", [*resumed, f"init_from={other}", f"ckpt_path={ckpt}"])
+    assert "\n" not in str(err.value)
