@@ -76,7 +76,7 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
         from elise.bench.data import bench_data, data_rows
 
         res = bench_data(quick)
-        return res, table(data_rows(res), ["case", "audio s/s", "s"])
+        return res, table(data_rows(res), ["case", "audio s/s", "clips/s", "s", "MB"])
     if part == "serve":
         from elise.bench.serve import bench_serve, serve_rows
 

@@ -274,3 +274,77 @@ def test_lora_ckpt_synthesizes_and_its_export_gives_transformers_the_same_greedy
     frames = theirs.shape[1]  # transformers stops at an all-zero codebook-0 frame
     assert frames >= 2 and torch.equal(theirs, ours[0, :, :frames])
     assert not torch.equal(before, ours)  # the adapters matter
+
+
+def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, tmp_path, capsys):
+    """experiment=voice's before/after: elise.evaluate on the held-out clip with the base at the start
+    and the LoRA checkpoint at the end; the summary prints both."""
+    _, _, overrides, _ = voice_run
+    extra = [
+        "trainer.max_steps=2",
+        "+voice_eval.clips=1",
+        "+voice_eval.metrics=[wer,sim]",
+        "+voice_eval.asr=pocketsphinx",
+    ]
+    run(tmp_path, [*overrides, *extra])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("voice eval on 1 held-out clips"))
+    assert "wer " in line and "sim " in line and " -> " in line and "nan" not in line
+    for name in ("before", "after"):
+        report = json.loads((tmp_path / "voice_eval" / name / "eval_report.json").read_text())
+        assert report["summary"]["counts"]["items"] == 1
+    assert len(list((tmp_path / "voice_eval" / "held_out").glob("*.wav"))) == 1
+
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "My voice, recorded today, for a small test.",
+    "Reading one sentence at a time is enough.",
+    "This folder has no transcripts but its sidecars.",
+    "Pauses between words are kept as they are.",
+    "The last take of the afternoon session.",
+)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_readme_voice_command_runs_offline_on_recordings_made_at_test_time(voice_run, code_cache, tmp_path):
+    """``python train.py experiment=voice init_from=<base> data=folder data.root=my_voice/`` at the test
+    size (codec tiny, CPU, 3 steps): espeak-ng recordings with sidecar transcripts in, adapters out."""
+    import subprocess
+
+    _, base, _, _ = voice_run
+    root = tmp_path / "my_voice"
+    root.mkdir()
+    for i, sentence in enumerate(SENTENCES):
+        subprocess.run(
+            ["espeak-ng", "-w", str(root / f"take{i}.wav"), sentence], check=True, capture_output=True
+        )
+        (root / f"take{i}.txt").write_text(sentence + "\n", encoding="utf-8")
+    command = ["experiment=voice", f"init_from={base}", "data=folder", f"data.root={root}"]
+    test_size = [
+        "codec=tiny", "trainer=cpu", "trainer.precision=32-true", "logger=csv", "threads=1",
+        f"paths.cache_dir={code_cache}", "callbacks.eval=null", "callbacks.audio_samples=null",
+        "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "voice_eval=null",
+        "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+        "data.val_count=1", "data.max_samples=2", "optim.warmup_steps=1", "lora.rank=4",
+    ]  # fmt: skip
+    metrics = run(tmp_path / "run", [*command, *test_size])
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    manifest = (tmp_path / "my_voice_clips" / "manifest.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["text"] for line in manifest) == sorted(SENTENCES)  # the sidecars' texts
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["lora"]["rank"] == 4
+    assert all(is_lora_key(k) for k in ckpt["state_dict"])
+
+
+def test_resuming_on_a_different_base_is_refused(voice_run, tmp_path):
+    tmp, base, overrides, _ = voice_run
+    other = tmp_path / "other.ckpt"
+    shutil.copy(base, other)
+    with open(other, "ab") as f:  # different bytes: a different base as far as the record goes
+        f.write(b"\0")
+    resumed = [o for o in overrides if not o.startswith("init_from=")]
+    ckpt = tmp / "run" / "checkpoints" / "step0000004.ckpt"
+    with pytest.raises(CheckpointError, match="adapters were trained on base") as err:
+        run(tmp_path / "run", [*resumed, f"init_from={other}", f"ckpt_path={ckpt}"])
+    assert "\n" not in str(err.value)
