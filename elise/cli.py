@@ -32,7 +32,7 @@ VERBATIM_KEYS = frozenset(
     {
         "text", "reference_text", "text_file", "reference_audio", "output", "output_dir", "ckpt",
         "ckpt_path", "init_from", "out", "codec_config", "run_dir", "metrics_out", "data.path",
-        "data.root", "data.out_dir", "data.asr_model", "codec.weights", "hydra.run.dir", "voices_dir", "api_key",
+        "data.root", "data.out_dir", "data.asr_model", "codec.weights", "hydra.run.dir", "voices_dir", "api_key", "base",
         "dialogue", "dialogue_file", "voices", "audio", "eval_set", "asr.model", "sim.model",
     }
 )  # fmt: skip

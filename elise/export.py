@@ -28,9 +28,15 @@ class ExportError(RuntimeError):
 
 
 def export_checkpoint(
-    ckpt: str | Path, out: str | Path, codec_config: dict[str, Any] | None = None, overwrite: bool = False
+    ckpt: str | Path,
+    out: str | Path,
+    codec_config: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    base: str | Path | None = None,
 ) -> list[Path]:
     """Export ``ckpt`` (an elise checkpoint or transformers directory) to ``out``; returns the files written.
+
+    A LoRA checkpoint is merged into its base (``base``, else the recorded one): a plain directory.
 
     Raises:
         ExportError: ``out`` holds files and ``overwrite`` is false; a Mimi ``codec_config`` was given
@@ -40,7 +46,7 @@ def export_checkpoint(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ExportError(f"out={out} exists and is not empty; pass overwrite=true to replace its files")
-    loaded = load_model(ckpt)
+    loaded = load_model(ckpt, base=base)
     codec = loaded.codec
     trained_on = codec["name"] if codec else None
     if codec_config is not None and trained_on is not None and trained_on not in MIMI_CODECS:
@@ -61,6 +67,8 @@ def export_checkpoint(
     from elise.interop import export_transformers_dir
 
     record = {"codec": codec, "speakers": loaded.speakers, "exported_from": str(ckpt)}
+    if "lora" in loaded.meta:  # adapters merged: which base they were merged into
+        record["lora_merged_into"] = {k: loaded.meta["lora"][k] for k in ("base", "sha256")}
     files = export_transformers_dir(loaded.model, loaded.tokenizer, out, codec_config, codec_state, record)
     mode = 0o666 & ~_umask()  # what a plain open() gives: safetensors/tempfiles may write 0600
     for f in files:
@@ -82,7 +90,7 @@ def main(cfg: DictConfig) -> None:
             raw = json.loads(Path(str(cfg.codec_config)).read_text())
             codec_config = raw.get("codec_config", raw)
         files = export_checkpoint(
-            str(cfg.ckpt), str(cfg.out), codec_config, bool(cfg.get("overwrite", False))
+            str(cfg.ckpt), str(cfg.out), codec_config, bool(cfg.get("overwrite", False)), cfg.get("base")
         )
     except (ExportError, CheckpointError, CodecUnavailable, OSError, json.JSONDecodeError) as e:
         exit_with(e)

@@ -74,7 +74,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     series = read_metrics(csv_path)
     if not series.get("train/loss") and not series.get("val/loss"):
         raise ValueError(f"{csv_path} has no train/loss or val/loss values yet")
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    evals = any(k.startswith("eval/") for k in series)  # the eval callback's quality figures: a third row
+    fig, axes = plt.subplots(3 if evals else 2, 2, figsize=(13, 12.5 if evals else 8.5))
     _plot(axes[0, 0], series, ["train/loss", "val/loss"], "total loss")
     _plot(
         axes[0, 1],
@@ -99,6 +100,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3, axis="y")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper center", ncol=2)
+    if evals:
+        _plot(
+            axes[2, 0],
+            series,
+            ["eval/wer", "eval/cer", "eval/sim", "eval/eos_rate"],
+            "eval: WER, CER, SIM, EOS rate",
+        )
+        _plot(axes[2, 1], series, ["eval/duration_ratio", "eval/mos"], "eval: duration ratio, MOS")
     fig.suptitle(f"elise run: {run_dir.resolve().name}")
     fig.tight_layout()
     out = Path(out) if out else (run_dir if run_dir.is_dir() else run_dir.parent) / "report.png"

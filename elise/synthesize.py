@@ -110,7 +110,7 @@ def _load(
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     t0 = time.perf_counter()
-    loaded = load(cfg.ckpt, device)
+    loaded = load(cfg.ckpt, device, cfg.get("base"))
     check(loaded.speakers)  # an unknown speaker fails before the codec loads
     model = prepare_model(loaded.model, dtype, cfg.quantize, bool(cfg.compile))
     codec_node = cfg.get("codec")  # absent when no codec= is given: the checkpoint's own
@@ -172,8 +172,9 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     """Generate the conversation(s) of ``dialogue``/``dialogue_file`` (``elise.synthesis.dialogue``) into
-    ``output_dir``: ``conversation.wav`` (turns joined with ``pause_ms``), ``turns/NNN_<speaker>.wav`` and
-    ``timeline.json`` (rewritten after every turn); a folder of scripts gets one such folder per script.
+    ``output_dir``: ``conversation.wav`` (turns joined with ``pause_ms``), ``turns/NNN_<speaker>.wav`` (and
+    its text as ``.txt``: ``python -m elise.evaluate audio=<dir>/turns`` scores them) and ``timeline.json``
+    (rewritten after every turn); a folder of scripts gets one such folder per script.
     Returns one dict per turn (its timeline entry, ``conversation`` and ``path`` added)."""
     if _typed(cfg, "text") is not None or cfg.text_file:
         raise SynthesisError("pass text/text_file or dialogue/dialogue_file, not both")
@@ -188,6 +189,7 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     scripts = read_scripts(_typed(cfg, "dialogue"), cfg.dialogue_file)
     settings = settings_from(cfg)
     context_turns = _number(cfg, "context_turns", int, 0)
+    overlap_ms = _number(cfg, "overlap_ms", float, 0.0)
     max_seconds = _number(cfg, "reference_max_seconds", float, 0.0)
     node = cfg.voices
     voices = read_voices(to_dict(node) if isinstance(node, DictConfig) else node, max_seconds)
@@ -218,11 +220,14 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
         path = folders[c] / "turns" / f"{name}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)
         write_wav(path, turn.audio.numpy(), synth.sample_rate)
+        path.with_suffix(".txt").write_text(
+            turn.text + "\n", encoding="utf-8"
+        )  # elise.evaluate audio=<turns>
         if cfg.save_codes:
             np.save(path.with_suffix(".codes.npy"), turn.codes.numpy().astype(np.int64))  # [32, frames]
         wavs[c].append(str(path.relative_to(folders[c])))
         done[c].append(turn)
-        line = timeline(scripts[c], done[c], synth.sample_rate, settings.pause_ms, wavs[c])
+        line = timeline(scripts[c], done[c], synth.sample_rate, settings.pause_ms, wavs[c], overlap_ms)
         _write_json(folders[c] / "timeline.json", line)
         rows.append({"conversation": scripts[c].name, "path": str(path), **turn.timeline()})
         log.info("%s turn %d/%d (%s): %.2f s%s", scripts[c].name, turn.turn, len(scripts[c].turns),
@@ -231,7 +236,9 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     t1 = time.perf_counter()
     try:
         try:
-            convs = converse(synth, scripts, voices, context_turns, bool(cfg.stream), on_audio, on_turn)
+            convs = converse(
+                synth, scripts, voices, context_turns, bool(cfg.stream), on_audio, on_turn, overlap_ms
+            )
         finally:
             for w in writers.values():
                 w.close()
@@ -246,7 +253,7 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.metrics_out:
         _write_json(Path(str(cfg.metrics_out)), rows)
     for conv, folder in zip(convs, folders, strict=True):
-        seconds = conv.turns[-1].end if conv.turns else 0.0
+        seconds = conv.length / synth.sample_rate
         log.info("%s: %d turns, %.2f s of audio -> %s", conv.script.name, len(conv.turns), seconds,
                  folder / "conversation.wav")  # fmt: skip
     log.info("done: %d conversation(s) in %.2f s", len(convs), wall)

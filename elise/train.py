@@ -164,6 +164,72 @@ def build_module(
     return module
 
 
+class VoiceEval(pl.Callback):
+    """``voice_eval`` (experiment=voice): ``elise.evaluate`` on held-out clips of the new voice, with the
+    base (``init_from``) when training starts and with the final checkpoint at the end (``after``):
+    their texts synthesized, WER against them and SIM to the held-out audio (the codec's reconstruction
+    of their codes). Reports under ``<run dir>/voice_eval/{before,after}``; ``line()`` compares them."""
+
+    def __init__(self, node: Any, base: str, codec: dict[str, Any], run_dir: Path):
+        self.clips, self.metrics = (
+            int(node.get("clips", 8)),
+            [str(m) for m in node.get("metrics", ["wer", "sim"])],
+        )
+        self.asr, self.sim = str(node.get("asr", "auto")), str(node.get("sim", "auto"))
+        self.base, self.codec, self.out = base, codec, run_dir / "voice_eval"
+        self.results: dict[str, dict[str, float]] = {}
+        self.texts: list[str] = []
+        self.refs: list[str] = []
+        self.scorer: Any = None
+        self.device = "cpu"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        from elise.codec import build_codec
+        from elise.data.audio import write_wav
+        from elise.evaluate.score import Scorer
+
+        examples = list(getattr(trainer.datamodule.val_set, "examples", []) or [])[: self.clips]  # type: ignore[attr-defined]
+        if not examples:
+            log.warning("voice_eval: no held-out clips (data.val_count=0?): no before/after evaluation")
+            return
+        codec = build_codec(**self.codec)
+        for e in examples:
+            wav = codec.decode(e.load_codes()[None].to(codec_device(codec)))  # [1, 1, N]
+            path = self.out / "held_out" / f"{e.id}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_wav(path, wav.reshape(-1).float().cpu().numpy(), codec.sample_rate)
+            self.refs.append(str(path))
+        self.texts = [e.text for e in examples]
+        self.device = pl_module.device.type
+        self.scorer = Scorer(self.metrics, self.asr, None, self.sim, None, "auto", self.device)
+        self.results["before"] = self.evaluate(self.base, "before")
+
+    def evaluate(self, ckpt: str, name: str) -> dict[str, float]:
+        from elise.evaluate.synth import evaluate_checkpoint
+
+        report = evaluate_checkpoint(ckpt, self.texts, self.out / name, speaker_ref=self.refs, scorer=self.scorer,
+                                     device=self.device, seed=0, progress=False)  # fmt: skip
+        return {
+            k: float(v["mean"]) for k, v in report["summary"].items() if isinstance(v, dict) and "mean" in v
+        }
+
+    def after(self, ckpt: str) -> None:
+        if self.scorer is not None and ckpt:
+            self.results["after"] = self.evaluate(ckpt, "after")
+
+    def line(self) -> str:
+        before, after = self.results.get("before", {}), self.results.get("after", {})
+        pairs = ", ".join(f"{k} {before[k]:.3f} -> {after.get(k, float('nan')):.3f}" for k in before)
+        return f"voice eval on {len(self.texts)} held-out clips (before -> after): {pairs or 'none'}"
+
+
+def codec_device(codec: Any) -> torch.device:
+    params = list(codec.parameters()) if hasattr(codec, "parameters") else []
+    return params[0].device if params else torch.device("cpu")
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     callbacks = []
     for name, node in (cfg.get("callbacks") or {}).items():
@@ -252,6 +318,11 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     del loaded
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
+    voice_eval = None
+    if cfg.get("voice_eval") and cfg.get("init_from"):
+        codec = _container(cfg.codec)
+        voice_eval = VoiceEval(cfg.voice_eval, str(cfg.init_from), codec, run_dir)
+        all_callbacks.append(voice_eval)
     if cfg.trainer.get("enable_progress_bar", True) and not any(
         isinstance(c, ProgressBar) for c in all_callbacks
     ):
@@ -292,7 +363,11 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.is_global_zero:
-        print(summary(trainer, cfg, run_dir, metrics), flush=True)
+        text = summary(trainer, cfg, run_dir, metrics)
+        if voice_eval is not None:
+            voice_eval.after(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
+            text += "\n" + voice_eval.line()
+        print(text, flush=True)
     return metrics
 
 
@@ -318,6 +393,11 @@ def summary(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path, metrics: dict[s
         f"trained {trainer.global_step} steps (trainer.max_steps={cfg.trainer.max_steps}); {losses or 'no loss logged'}",
         f"run dir: {run_dir}",
     ]
+    if ckpt and cfg.get("lora"):
+        mb = Path(ckpt).stat().st_size / 1e6  # adapters + their AdamW state, not the base
+        lines.append(
+            f"LoRA checkpoint: {mb:.1f} MB (adapters over base init_from={cfg.init_from}, sha256 recorded)"
+        )
     if ckpt:
         lines += [
             f"checkpoint: {ckpt}",

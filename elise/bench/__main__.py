@@ -1,4 +1,4 @@
-"""``python -m elise.bench [part=all|synth|train|data|gpu|serve] [quick=true] [threads=N] [out=PATH]``
+"""``python -m elise.bench [part=all|synth|train|data|gpu|serve|lora] [quick=true] [threads=N] [out=PATH]``
 (keys: ``elise/conf/bench.yaml``, run through ``elise.cli``).
 
 Prints a table per part and merges the figures into ``outputs/bench/bench_results.json``
@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from elise.bench.common import machine_info, set_threads, table, write_json
 from elise.errors import exit_with
 
-PARTS = ("synth", "train", "data", "gpu", "serve")
+PARTS = ("synth", "train", "data", "gpu", "serve", "lora")
 
 
 def quiet() -> None:
@@ -65,11 +65,18 @@ def run_part(part: str, quick: bool) -> tuple[dict, str]:
             train_rows(res),
             ["model", "rows", "case", "tokens/s", "step s", "peak MB", "x transformers", "x fp32"],
         )
+    if part == "lora":
+        from elise.bench.lora import bench_lora, lora_rows
+
+        res = bench_lora(quick)
+        cols = ["model", "rows", "case", "trainable", "tokens/s", "step s", "peak MB", "ckpt MB", "x full (peak)",
+                "x full (tokens/s)"]  # fmt: skip
+        return res, table(lora_rows(res), cols)
     if part == "data":
         from elise.bench.data import bench_data, data_rows
 
         res = bench_data(quick)
-        return res, table(data_rows(res), ["case", "audio s/s", "s"])
+        return res, table(data_rows(res), ["case", "audio s/s", "clips/s", "s", "MB"])
     if part == "serve":
         from elise.bench.serve import bench_serve, serve_rows
 

@@ -1,12 +1,20 @@
-"""Data speed: Mimi encode throughput (audio seconds per second, batched vs one clip at a time) and
-the cache-hit time of ``elise.data.prepare`` on the bundled sample set."""
+"""Data speed: Mimi encode throughput (audio seconds per second, batched vs one clip at a time), the
+cache-hit time of ``elise.data.prepare`` on the bundled sample set, ``prepare`` throughput (clips/s)
+with 0, 1 and 2 decoding workers, and training start-up on a synthetic pre-encoded set of 1,000,000
+clips (index build, sampler planning, time to the first batch, peak RSS of the datamodule process)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from elise.bench.common import alternate, median
@@ -66,12 +74,155 @@ def bench_prepare(codec_name: str = "mimi_random", reps: int = 3) -> dict[str, A
     return {"items": len(first.examples), "first_run_s": cold, "cache_hit_s": median(hits), "reps": reps}
 
 
+def throughput_folder(root: Path, clips: int) -> Path:
+    """An LJSpeech folder of ``clips`` distinct clips: the sample clips at different gains."""
+    import soundfile as sf
+
+    from elise.data.sources import read_ljspeech, sample_root
+
+    sample = [it for it in read_ljspeech(sample_root(), speaker_column=False)]
+    (root / "wavs").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(clips):
+        item = sample[i % len(sample)]
+        wav, sr = sf.read(str(item.audio), dtype="float32")
+        sf.write(root / "wavs" / f"c{i:05d}.flac", wav * (0.5 + 0.5 * i / clips), sr)
+        lines.append(f"c{i:05d}|{item.text}")
+    (root / "metadata.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def bench_prepare_throughput(
+    codecs: tuple[str, ...] = ("tiny", "mimi_random"), workers: tuple[int, ...] = (0, 1, 2), clips: int = 64
+) -> dict[str, Any]:
+    """Clips per second of a first ``prepare`` (decode, resample, encode, shard store) per codec and
+    number of decoding worker processes (0: in the main process); worker start-up included."""
+    from elise.codec import build_codec
+    from elise.data.prepare import prepare
+    from elise.text import ByteTokenizer
+
+    out: dict[str, Any] = {"clips": clips}
+    with tempfile.TemporaryDirectory(prefix="elise_bench_") as tmp:
+        folder = throughput_folder(Path(tmp) / "lj", clips)
+        for name in codecs:
+            codec = build_codec(name)
+            for w in workers:
+                cfg = {
+                    "source": "ljspeech",
+                    "root": str(folder),
+                    "cache_dir": f"{tmp}/{name}-{w}",
+                    "store": "shards",
+                }
+                start = time.perf_counter()
+                prepare(cfg, codec, ByteTokenizer(), progress=False, num_workers=w)
+                secs = time.perf_counter() - start
+                out[f"{name}/{w}"] = {"s": secs, "clips_per_s": clips / secs}
+    return out
+
+
+# ---- a synthetic pre-encoded set at pretraining scale ------------------------------------------
+
+WORDS = [
+    f"{a}{b}" for a in ("ka", "lo", "mi", "tes", "ro", "vu", "sha", "ne") for b in ("n", "ra", "st", "do", "")
+]
+
+
+def synthetic_codes(folder: Path, clips: int, per_file: int = 50_000, seed: int = 0) -> Path:
+    """``clips`` random-code clips in Arrow files of ``per_file`` rows (id, text, speaker, codes as
+    int16 [32, T] bytes); durations log-normal around 6 s, clipped to 1-20 s; 500 speakers. Kept
+    across runs (``done.json``): generating 1M clips writes ~5 GB."""
+    import pyarrow as pa
+
+    from elise.data.shards import write_ipc
+
+    done = folder / "done.json"
+    if done.is_file() and json.loads(done.read_text()) == {"clips": clips, "seed": seed}:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.arrow"):
+        old.unlink()
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 2048, 2**24, dtype=np.int16)  # codes are slices of one random pool
+    words = np.array(WORDS)
+    for start in range(0, clips, per_file):
+        n = min(per_file, clips - start)
+        seconds = np.clip(rng.lognormal(np.log(6.0), 0.5, n), 1.0, 20.0)
+        frames = np.round(seconds * 12.5).astype(np.int64)  # [n]
+        sizes = frames * 32
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        starts = rng.integers(0, len(pool) - int(sizes.max()), n)
+        data = np.concatenate([pool[s : s + z] for s, z in zip(starts, sizes, strict=True)])
+        codes = pa.Array.from_buffers(
+            pa.binary(), n, [None, pa.py_buffer((offsets * 2).astype(np.int32)), pa.py_buffer(data)]
+        )
+        n_words = np.maximum(1, (seconds * 2.5).astype(int))
+        texts = [" ".join(rng.choice(words, k)) + "." for k in n_words]
+        table = pa.table(
+            {
+                "id": [f"clip{start + i:08d}" for i in range(n)],
+                "text": texts,
+                "speaker": [f"spk{k:03d}" for k in rng.integers(0, 500, n)],
+                "codes": codes,
+            }
+        )
+        write_ipc(folder / f"part-{start // per_file:05d}.arrow", table)
+    done.write_text(json.dumps({"clips": clips, "seed": seed}))
+    return folder
+
+
+STARTUP = """
+import json, resource, sys, time
+t0 = time.perf_counter()
+from elise.data.datamodule import EliseDataModule
+data = {"source": "codes", "path": sys.argv[1], "cache_dir": sys.argv[2], "max_tokens": 5000,
+        "max_samples": 16, "num_workers": 0, "pin_memory": False, "val_fraction": 0.001}
+dm = EliseDataModule(data, None, seed=0)
+t1 = time.perf_counter()
+dm.prepare_data()
+t2 = time.perf_counter()
+dm.setup("fit")
+t3 = time.perf_counter()
+loader = dm.train_dataloader()
+t4 = time.perf_counter()
+batch = next(iter(loader))
+t5 = time.perf_counter()
+dm.train_sampler._epoch_batches(1)
+t6 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "index_s": t2 - t1, "setup_s": t3 - t2, "sampler_s": t4 - t3,
+                  "first_batch_s": t5 - t0, "epoch_plan_s": t6 - t5, "batch_rows": list(batch["tokens"].shape),
+                  "train_clips": len(dm.train_set), "batches_per_epoch": len(loader),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def bench_startup(clips: int = 1_000_000, folder: str | None = None) -> dict[str, Any]:
+    """Training start-up from ``clips`` synthetic pre-encoded clips, each run in a fresh process:
+    cold (the index is built) and warm (the index of the unchanged files is reused). The data stays
+    in ``folder`` (default ``/tmp/elise_bench_codes_<clips>``), never in the repo."""
+    src = synthetic_codes(Path(folder or f"/tmp/elise_bench_codes_{clips}"), clips)
+    gen = json.loads((src / "done.json").read_text())
+    size = sum(f.stat().st_size for f in src.glob("*.arrow"))
+    out: dict[str, Any] = {"clips": gen["clips"], "data_gb": size / 1e9}
+    with tempfile.TemporaryDirectory(prefix="elise_bench_") as cache:
+        for run in ("cold", "warm"):
+            proc = subprocess.run(
+                [sys.executable, "-c", STARTUP, str(src), cache], capture_output=True, text=True,
+                env={**os.environ, "OMP_NUM_THREADS": "1"}, check=False,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                return out | {"error": proc.stderr[-2000:]}
+            out[run] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
 def bench_data(quick: bool = False) -> dict[str, Any]:
     return {
         "encode": bench_encode(
             clips=4 if quick else 8, seconds=2.0 if quick else 4.0, reps=1 if quick else 3
         ),
         "prepare": bench_prepare(reps=1 if quick else 3),
+        "throughput": bench_prepare_throughput(clips=32 if quick else 128),
+        "startup": bench_startup(100_000 if quick else 1_000_000),
     }
 
 
@@ -84,4 +235,31 @@ def data_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             {"case": f"prepare sample set ({prep['items']} clips), first run", "s": prep["first_run_s"]}
         )
         rows.append({"case": "prepare sample set, cache hit", "s": prep["cache_hit_s"]})
+    thr = res.get("throughput", {})
+    for key, fig in thr.items():
+        if isinstance(fig, dict):
+            codec, workers = key.split("/")
+            rows.append(
+                {
+                    "case": f"prepare {thr['clips']} clips, {codec}, {workers} workers",
+                    "clips/s": fig["clips_per_s"],
+                    "s": fig["s"],
+                }
+            )
+    up = res.get("startup", {})
+    for run in ("cold", "warm"):
+        if run in up:
+            f = up[run]
+            label = f"{up['clips']:,} pre-encoded clips, {run} start"
+            rows.append({"case": f"{label}: index build", "s": f["index_s"]})
+            rows.append(
+                {"case": f"{label}: sampler planning (+1 epoch)", "s": f["sampler_s"] + f["epoch_plan_s"]}
+            )
+            rows.append(
+                {
+                    "case": f"{label}: first batch (from process start)",
+                    "s": f["first_batch_s"],
+                    "MB": f["peak_rss_mb"],
+                }
+            )
     return rows

@@ -27,8 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
-from array import array
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -42,11 +42,12 @@ from elise.data.prepare import REASONS, _unit_hash, _write_json, data_settings, 
 from elise.data.shards import INDEX_SCHEMA, ClipIndex, read_ipc, write_index, write_ipc
 from elise.data.sources import speaker_map
 from elise.layout import NUM_CODEBOOKS
-from elise.text import Tokenizer, encode_prompt
+from elise.text import ByteTokenizer, Tokenizer, encode_prompt, format_prompt
 
 CODES_COLUMNS = ("codes", "audio_codes", "mimi_codes")
 SPEAKER_COLUMNS = ("speaker", "speaker_id", "speaker_name")
 FRAME_RATE = 12.5  # Mimi frames per second
+_ALNUM = re.compile(r"[^\W_]")  # a letter or digit (str.isalnum)
 
 
 def codes_index_path(data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer) -> Path:
@@ -63,8 +64,9 @@ def codes_index_path(data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer) ->
 def prepare_codes(
     data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer, progress: bool = True
 ) -> PreparedData:
-    """Build (or rebuild) the clip index of a pre-encoded dataset; returns its report and index path
-    (no ``Example`` list: a large set is only ever read through the index)."""
+    """Build the clip index of a pre-encoded dataset, or reuse it when its files and settings are
+    unchanged; returns its report and index path (no ``Example`` list: a large set is only ever
+    read through the index)."""
     start = time.perf_counter()
     cfg = data_settings(data_cfg)
     path = cfg.get("path")
@@ -74,13 +76,34 @@ def prepare_codes(
     cache = Path(cfg["cache_dir"]).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     out = codes_index_path(cfg, tokenizer)
+    current = _stamps(files)
+    side = out.with_suffix(".json")
+    if side.is_file() and out.is_file():
+        meta = json.loads(side.read_text(encoding="utf-8"))
+        if meta.get("stamps") == current:  # same files, same settings: the index is current
+            if progress:
+                print_report(meta["report"])
+            return PreparedData([], meta["report"], cache, out)
     builder = _IndexBuilder(cfg, tokenizer, files)
-    write_index(out, builder.batches(), lambda: builder.meta(time.perf_counter() - start, str(path)))
-    report = builder.meta(time.perf_counter() - start, str(path))["report"]
+    write_index(
+        out,
+        builder.batches(),
+        lambda: builder.meta(time.perf_counter() - start, str(path)) | {"stamps": current},
+    )
+    report = json.loads(side.read_text(encoding="utf-8"))["report"]
     _write_json(cache / "prepare_report.json", report)
     if progress:
         print_report(report)
     return PreparedData([], report, cache, out)
+
+
+def _stamps(files: list[str]) -> list[list]:
+    """(path, size, mtime) of each source file: a changed file rebuilds the index."""
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return out
 
 
 def examples_of(index_path: Path) -> list[Example]:
@@ -267,27 +290,40 @@ class _IndexBuilder:
             spk_col = next((c for c in SPEAKER_COLUMNS if c in table.column_names), None)
             names = table.column(spk_col).to_pylist() if spk_col else [None] * len(ids)
             groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(ids)
-            keep, flat, offsets, speakers = [], array("i"), [0], []
-            for r, text in enumerate(texts):
-                reason = self._check(text, frames[r], lo, hi)
-                speaker = 0 if names[r] is None else self.speakers[str(names[r])]
-                ids_r = None
-                if reason is None:
-                    ids_r, reason = self._tokens(" ".join(text.split()), speaker)
+            keep, prompts, speakers, norm = [], [], [], []
+            for r, (text, n) in enumerate(zip(texts, frames.tolist(), strict=True)):
+                text = " ".join(text.split()) if isinstance(text, str) else ""
+                reason = self._check(text, n, lo, hi)
                 if reason is not None:
-                    self.counts[reason[0]] += 1
-                    self.items.append({"id": ids[r], "reason": reason[0], "detail": reason[1]})
+                    self._skip(ids[r], reason)
                     continue
+                speaker = 0 if names[r] is None else self.speakers[str(names[r])]
                 keep.append(r)
-                flat.extend(ids_r)
-                offsets.append(len(flat))
+                norm.append(text)
                 speakers.append(speaker)
-            yield self._batch(i, table, keep, ids, texts, groups, flat, offsets, speakers, frames)
+                prompts.append(format_prompt(text, speaker))
+            token_ids = self._encode(prompts)  # [n] lists, or a ListArray when every prompt encoded
+            if not isinstance(token_ids, pa.ListArray):
+                good = [k for k, t in enumerate(token_ids) if not isinstance(t, tuple)]
+                for k, t in enumerate(token_ids):
+                    if isinstance(t, tuple):
+                        self._skip(ids[keep[k]], t)
+                keep, norm, speakers = (
+                    [keep[k] for k in good],
+                    [norm[k] for k in good],
+                    [speakers[k] for k in good],
+                )
+                token_ids = pa.array([token_ids[k] for k in good], pa.list_(pa.int32()))
+            yield self._batch(i, keep, ids, norm, groups, token_ids, speakers, frames)
 
-    def _check(self, text: Any, frames: int, lo: float, hi: float) -> tuple[str, str] | None:
-        if not isinstance(text, str) or not text.strip():
+    def _skip(self, item_id: str, reason: tuple[str, str]) -> None:
+        self.counts[reason[0]] += 1
+        self.items.append({"id": item_id, "reason": reason[0], "detail": reason[1]})
+
+    def _check(self, text: str, frames: int, lo: float, hi: float) -> tuple[str, str] | None:
+        if not text:
             return "empty_text", "no text"
-        if not any(ch.isalnum() for ch in text):
+        if not _ALNUM.search(text):
             return "unspeakable_text", f"no letter or digit in {text[:40]!r}"
         if frames < lo:
             return "too_short", f"{frames / FRAME_RATE:.2f} s < {self.cfg['min_seconds']} s"
@@ -295,41 +331,68 @@ class _IndexBuilder:
             return "too_long", f"{frames / FRAME_RATE:.2f} s > {self.cfg['max_seconds']} s"
         return None
 
-    def _tokens(self, text: str, speaker: int) -> tuple[list[int] | None, tuple[str, str] | None]:
-        try:
-            ids = encode_prompt(self.tokenizer, text, speaker)
-        except Exception as err:  # tokenizers raise various types on input they cannot take
-            return None, ("untokenizable_text", f"{type(err).__name__}: {err}"[:200])
+    def _encode(self, prompts: list[str]) -> pa.ListArray | list[list[int] | tuple[str, str]]:
+        """Token ids of each prompt. The byte tokenizer's are computed on the whole column at once
+        (the same ids as ``ByteTokenizer.encode``); otherwise one prompt at a time, where a prompt
+        the tokenizer cannot take is (reason, detail)."""
+        if type(self.tokenizer) is ByteTokenizer:
+            try:
+                arr = pa.array(prompts, pa.string())
+            except (pa.ArrowException, UnicodeError):
+                arr = None  # a text with unencodable characters: one at a time finds which
+            if arr is not None and len(arr):
+                tok = self.tokenizer
+                offsets = np.frombuffer(arr.buffers()[1], np.int32, count=len(arr) + 1).astype(
+                    np.int64
+                )  # [n + 1]
+                data = (
+                    np.frombuffer(arr.buffers()[2], np.uint8, count=int(offsets[-1]))
+                    if len(arr)
+                    else np.zeros(0)
+                )
+                rows = np.repeat(np.arange(len(prompts)), np.diff(offsets))  # [bytes] prompt of each byte
+                flat = np.empty(len(data) + 2 * len(prompts), np.int32)
+                flat[np.arange(len(data)) + 2 * rows + 1] = data.astype(np.int32) + tok.offset
+                new = offsets + 2 * np.arange(len(prompts) + 1)  # [n + 1] id offsets
+                flat[new[:-1]] = tok.bos_id
+                flat[new[1:] - 1] = tok.eos_id
+                return pa.ListArray.from_arrays(pa.array(new.astype(np.int32)), pa.array(flat))
         vocab = getattr(self.tokenizer, "vocab_size", None)
-        if not ids or (vocab is not None and max(ids) >= vocab):
-            return None, ("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary")
-        return ids, None
+        out: list[list[int] | tuple[str, str]] = []
+        for prompt in prompts:
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except Exception as err:  # tokenizers raise various types on input they cannot take
+                out.append(("untokenizable_text", f"{type(err).__name__}: {err}"[:200]))
+                continue
+            if not ids or (vocab is not None and max(ids) >= vocab):
+                out.append(("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary"))
+            else:
+                out.append(ids)
+        return out
 
-    def _batch(self, i, table, keep, ids, texts, groups, flat, offsets, speakers, frames) -> pa.RecordBatch:
+    def _batch(self, i, keep, ids, texts, groups, token_ids, speakers, frames) -> pa.RecordBatch:
         seed = self.cfg["split_seed"]
         keep_a = np.asarray(keep, dtype=np.int64)
         kept_ids = [ids[r] for r in keep]
         val = np.array([_unit_hash(f"{seed}:{x}") < self.val_below for x in kept_ids], dtype=bool)
-        fr = frames[keep_a].astype(np.int32) if len(keep) else np.zeros(0, np.int32)
-        n_ids = np.diff(np.asarray(offsets, dtype=np.int64))
-        text_ids = pa.ListArray.from_arrays(
-            pa.array(np.asarray(offsets, np.int32)),
-            pa.array(np.frombuffer(flat, np.int32) if flat else [], pa.int32()),
-        )
+        fr = frames[keep_a].astype(np.int32)
+        n_ids = np.diff(token_ids.offsets.to_numpy())
         self.kept += len(keep)
         self.val += int(val.sum())
         self.seconds += float(fr.sum()) / FRAME_RATE
+        name = Path(self.files[i]).name
         cols = {
             "id": pa.array(kept_ids, pa.string()),
-            "text": pa.array([" ".join(texts[r].split()) for r in keep], pa.string()),
+            "text": pa.array(texts, pa.string()),
             "speaker": pa.array(speakers, pa.int32()),
             "group": pa.array([None if groups[r] is None else str(groups[r]) for r in keep], pa.string()),
             "val": pa.array(val, pa.bool_()),
-            "text_ids": text_ids,
+            "text_ids": token_ids.cast(pa.list_(pa.int32())),
             "frames": pa.array(fr, pa.int32()),
             "rows": pa.array((n_ids + fr + 1).astype(np.int32), pa.int32()),
             "seconds": pa.array(fr / FRAME_RATE, pa.float32()),
-            "source": pa.array([f"{Path(self.files[i]).name}:{r}" for r in keep], pa.string()),
+            "source": pa.array([f"{name}:{r}" for r in keep], pa.string()),
             "file": pa.array(np.full(len(keep), i, np.int32), pa.int32()),
             "row": pa.array(keep_a, pa.int64()),
         }

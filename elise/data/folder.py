@@ -221,6 +221,10 @@ class _Cutter:
             raise ValueError(
                 f"need 0 < data.min_clip < data.max_clip, got {self.min_clip} and {self.max_clip}"
             )
+        if not 0 <= 2 * self.pad < self.max_clip:
+            raise ValueError(
+                f"need 0 <= 2 * data.pad < data.max_clip, got pad {self.pad}, max_clip {self.max_clip}"
+            )
 
     def fingerprint(self, path: Path) -> str:
         """Changes when the file's sidecar or a setting that shapes its clips changes."""

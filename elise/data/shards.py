@@ -57,7 +57,8 @@ def read_ipc(path: str | Path) -> pa.Table:
 class ShardStore(CodeCache):
     """``CodeCache`` whose codes live in Arrow shards of about ``shard_mb`` MB.
 
-    ``save`` buffers; ``close`` writes the last shard. ``location(key)`` is (shard path, row) once
+    ``save`` buffers; ``close`` writes the last shard. Codes already in the npy cache of the same
+    folder count as stored (they are copied in, not encoded again). ``location(key)`` is (shard path, row) once
     the key's shard is written. Keys already in any writer's shards are hits (``frames``).
     """
 
@@ -96,8 +97,12 @@ class ShardStore(CodeCache):
             self.where.setdefault(key, (path.name, row, int(frames)))
 
     def frames(self, key: str, num_codebooks: int) -> int | None:
+        """Frames of a stored key; a key only in the per-clip npy cache of the same folder is copied
+        into the shards (so ``data.store=shards`` converts an npy cache without encoding again)."""
         if key in self.where:
             return self.where[key][2]
+        if key not in self._pending_frames and super().frames(key, num_codebooks) is not None:
+            self.save(key, np.load(self.path(key)))
         return self._pending_frames.get(key)
 
     def save(self, key: str, codes: np.ndarray) -> Path:

@@ -187,7 +187,6 @@ class Synthesizer:
         floor = min(limit - 1, math.floor(FRAME_RATE * s.bound.min_seconds_per_char * len(piece)))
         if ids is not None:
             rows = text_rows(ids)
-            context: list[Segment] = []
         else:
             if self.tokenizer is None:
                 raise SynthesisError("this Synthesizer has no tokenizer: give requests their prompt_ids")

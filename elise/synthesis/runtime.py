@@ -75,10 +75,12 @@ def prepare_model(model: CSM, dtype: torch.dtype, quantize: str | None = None, c
     return model
 
 
-def load(ckpt: str, device: torch.device) -> Loaded:
+def load(ckpt: str, device: torch.device, base: str | None = None) -> Loaded:
+    """The model of ``ckpt``; a LoRA checkpoint comes merged into its base (``base``, else the recorded
+    one), so ``prepare_model``'s fused and int8 matmuls carry the adapters."""
     if not ckpt:
         raise SynthesisError("no checkpoint: pass ckpt=<file.ckpt or transformers directory>")
-    return load_model(str(ckpt), map_location=device)
+    return load_model(str(ckpt), map_location=device, base=base or None)
 
 
 def resolve_codec(

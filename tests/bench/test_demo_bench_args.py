@@ -67,7 +67,7 @@ def test_bench_keys_and_defaults(tmp_path):
     [
         (
             {"part": "synthh"},
-            "error: part=synthh: no such part; choose one of: all, synth, train, data, gpu, serve\n",
+            "error: part=synthh: no such part; choose one of: all, synth, train, data, gpu, serve, lora\n",
         ),
         ({"quick": "yes"}, "error: quick=yes: write quick=true or quick=false\n"),
         ({"threads": 0}, "error: threads=0: a whole number of CPU threads, 1 or more\n"),

@@ -62,9 +62,13 @@ def test_arrow_folder_is_indexed_in_place_in_every_layout(tmp_path: Path, layout
             e.text_ids == encode_prompt(ByteTokenizer(), e.text, e.speaker)
             and e.frames == by_id[e.id]["codes"].shape[1]
         )
-    assert not list(
-        (tmp_path / "cache").rglob("*.npy")
-    )  # nothing copied: rows are read from the source files
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing copied: rows are read in place
+    stamp = data.index.stat().st_mtime_ns
+    again = prepare_codes(cfg(tmp_path / "src", tmp_path / "cache"), ByteTokenizer(), progress=False)
+    assert again.index.stat().st_mtime_ns == stamp and again.report == report  # unchanged files: reused
+    write_ipc(tmp_path / "src" / "b.arrow", table(rows[7:9], layout))
+    changed = prepare_codes(cfg(tmp_path / "src", tmp_path / "cache"), ByteTokenizer(), progress=False)
+    assert changed.report["total"] == 9
 
 
 def test_parquet_save_to_disk_and_streaming_sources(tmp_path: Path) -> None:

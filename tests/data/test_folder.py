@@ -312,6 +312,22 @@ def test_the_asr_is_loaded_only_when_a_clip_needs_it(tmp_path: Path, monkeypatch
     assert [it.text for it in items] == ["Every clip has its sidecar."]
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("min_clip", 30.0, "min_clip < data.max_clip"),
+        ("pad", 10.0, "2 \\* data.pad"),
+        ("transcribe", "x", "one of"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path: Path, key: str, value: object, message: str) -> None:
+    root = tmp_path / "rec"
+    root.mkdir()
+    sf.write(root / "a.wav", tone(1.0), 16_000)
+    with pytest.raises(ValueError, match=message):
+        read_folder(settings(root, **{key: value}))
+
+
 def test_folder_config_composes_and_inherits_the_shared_keys() -> None:
     text = yaml.safe_load((ROOT / "elise" / "conf" / "data" / "folder.yaml").read_text())
     assert text["defaults"] == ["default", "_self_"]
@@ -320,6 +336,7 @@ def test_folder_config_composes_and_inherits_the_shared_keys() -> None:
     assert cfg.data.max_tokens == compose("train", ["data=sample"]).data.max_tokens
 
 
+@pytest.mark.slow  # a subprocess (~15 s); the one-line path of prepare is guarded by tests/data/test_prepare.py
 def test_cli_missing_folder_exits_2_with_one_line(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "elise.prepare", "data=folder", f"data.root={tmp_path}/no such folder",
            "codec=tiny", f"data.cache_dir={tmp_path}/cache"]  # fmt: skip

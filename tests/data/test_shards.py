@@ -132,3 +132,11 @@ def test_codes_of_reads_both_list_layouts() -> None:
     assert np.array_equal(shards.codes_of(kt[0], "kt"), codes)
     assert np.array_equal(shards.codes_of(tk[0], "tk"), codes)
     assert np.array_equal(shards.codes_of(pa.array([codes.tobytes()])[0], "bytes"), codes)
+
+
+def test_shards_on_an_npy_cache_folder_convert_it_without_encoding(tmp_path: Path) -> None:
+    npy = run({"source": "sample", "cache_dir": str(tmp_path)})
+    data = run(cfg(tmp_path))
+    assert data.report["encoded"] == 0 and data.report["cached"] == 16
+    same_result(npy, data)
+    assert all(e.row is not None for e in data.examples)  # read from the shards now

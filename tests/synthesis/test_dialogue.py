@@ -12,16 +12,18 @@ import pytest
 import soundfile as sf
 import torch
 from test_synthesize import config
+from testkit import tone
 
 import elise.synthesis.engine as engine
 from elise.cli import verbatim_args
 from elise.codec import build_codec
 from elise.config import compose
+from elise.evaluate.sources import Skipped, read_audio_items
 from elise.layout import EOS_CODE, NUM_CODEBOOKS
 from elise.synthesis import Segment, Settings, SynthesisError, Synthesizer, build_prompt
 from elise.synthesis.dialogue import converse, encode_voices, parse_script, read_scripts, read_voices
+from elise.synthesis.text import LengthBound
 from elise.synthesize import main, run
-from testkit import tone
 
 SPF, SR = 1920, 24_000
 SCRIPT = """# two speakers
@@ -133,6 +135,26 @@ def test_two_speakers_timeline_joined_wav_and_turn_files(tiny_ckpt, tmp_path, vo
         np.testing.assert_array_equal(joined[start : start + piece.shape[0]], piece)
         assert np.load((out / t["wav"]).with_suffix(".codes.npy")).shape == (NUM_CODEBOOKS, t["frames"])
     assert [t["context"] for t in turns] == [[], [1], [1, 2]]
+    # python -m elise.evaluate audio=<out>/turns scores the turns: each wav has its text beside it
+    items = read_audio_items(out / "turns", Skipped())
+    assert [(Path(i.wav).name, i.text) for i in items] == [(Path(t["wav"]).name, t["text"]) for t in turns]
+
+
+def test_overlapping_turns_are_summed(tiny_ckpt, tmp_path, voices):
+    rows = run(dialogue(tiny_ckpt, tmp_path, voices, overlap_ms=100))
+    out = tmp_path / "out"
+    joined = sf.read(out / "conversation.wav", dtype="float32")[0]
+    assert joined.shape[0] == 3 * 5 * SPF - 2 * 2400  # three 0.4 s turns, two 0.1 s overlaps
+    assert [r["start"] for r in rows] == [0.0, 0.3, 0.6] and [r["end"] for r in rows] == [0.4, 0.7, 1.0]
+    placed = np.zeros_like(joined)
+    for r in rows:
+        start = round(r["start"] * SR)
+        turn = sf.read(r["path"], dtype="float32")[0]
+        placed[start : start + turn.shape[0]] += turn
+    assert np.abs(joined - np.clip(placed, -1, 1)).max() < 3 / 32768  # 16-bit rounding of the parts
+    assert json.loads((out / "timeline.json").read_text())["overlap_ms"] == 100
+    with pytest.raises(SynthesisError, match="overlap_ms needs stream=false"):
+        run(dialogue(tiny_ckpt, tmp_path, voices, "s", overlap_ms=100, stream=True))
 
 
 def test_same_seed_same_conversation(tiny_ckpt, tmp_path, voices):
@@ -162,6 +184,7 @@ def test_turn_prompts_hold_the_voices_and_previous_turns(tiny_ckpt, voices, monk
     encode_voices(vs, s.codec)
     [conv] = converse(s, [parse_script(SCRIPT)], vs)
     voice_prompt = vs["alice"].prompt + vs["bob"].prompt
+    assert conv.audio(SR).numel() == conv.length == 3 * 5 * SPF + 2 * 3600  # turns joined by 150 ms pauses
     assert len(prompts) == 3 and all(t.codes.shape == (NUM_CODEBOOKS, 5) for t in conv.turns)
     for k, turn in enumerate(conv.turns):
         previous = [Segment(t.text, t.speaker_id, t.codes) for t in conv.turns[:k]]
@@ -204,6 +227,18 @@ def test_long_script_stays_within_the_positions_and_logs_dropped_turns(tiny_ckpt
     assert len(dropped) == sum(t.dropped > 0 for t in conv.turns) > 0
     [capped] = converse(s, [script], context_turns=1)
     assert [t.context for t in capped.turns] == [[]] + [[k] for k in range(1, 5)]
+    # in a batch, prompts are left-padded to the longest: a long context must not take the frames of
+    # another conversation's longer turn (the longest prompt gives up old turns instead)
+    calls.clear()
+    s.settings.batch_size, s.settings.max_audio_seconds = 2, None
+    s.settings.bound = LengthBound(seconds_per_char=0.04, margin=1.0, extra_seconds=0.0)  # 0.5 frame/char
+    longer = parse_script("\n".join(f"{i % 2}: Turn {i}, a much longer one here, yes." for i in range(5)))
+    convs = converse(s, [script, longer])
+    assert max(calls) <= 140
+    assert [t.codes.shape[1] for t in convs[0].turns] == [10] * 5 and [
+        t.codes.shape[1] for t in convs[1].turns
+    ] == [18] * 5
+    assert [t.context for t in convs[0].turns] == [[], [1], [1, 2], [2, 3], [3, 4]]  # alone: [1, 2, 3] ...
 
 
 def test_folder_of_scripts_in_one_batch_equals_one_by_one(tiny_ckpt, tmp_path, voices):

@@ -5,6 +5,7 @@ reference to its base, loads merged, resumes after SIGTERM, and refuses a differ
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -222,3 +223,128 @@ def test_lora_user_errors_are_one_line_exit_2(fast_overrides, tmp_path, capsys, 
         train_main(cfg)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and expected in err and "\n" not in err
+
+
+def test_lora_ckpt_synthesizes_and_its_export_gives_transformers_the_same_greedy_codes(voice_run, tmp_path):
+    """synthesize.py ckpt=<LoRA ckpt> (base from the record; fused + int8 after merging) runs, and
+    ``elise.export`` of it is a plain directory on which transformers' greedy generate gives elise's codes."""
+    import numpy as np
+
+    transformers = pytest.importorskip("transformers")
+    from elise.export import export_checkpoint
+    from elise.generate import SamplingConfig, generate
+    from elise.layout import segment_rows
+    from elise.synthesize import run as synthesize
+
+    tmp, base, _, _ = voice_run
+    lora = tmp / "run" / "checkpoints" / "last.ckpt"
+    cfg = compose("synthesize", [])
+    settings = {
+        "ckpt": str(lora), "text": "Hello there.", "seed": 0, "device": "cpu", "quantize": "int8",
+        "max_audio_seconds": 0.64, "save_codes": True, "output": str(tmp_path / "lora.wav"),
+    }  # fmt: skip
+    for key, value in settings.items():
+        cfg[key] = value
+    synthesize(cfg)
+    assert np.load(tmp_path / "lora.codes.npy").shape[0] == 32
+
+    files = export_checkpoint(lora, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "elise.json").read_text())
+    assert record["lora_merged_into"]["sha256"] == weights_sha256(base)
+    assert sum(f.stat().st_size for f in files) > lora.stat().st_size  # a full, plain model
+    hf, info = transformers.CsmForConditionalGeneration.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not [k for k in info["missing_keys"] if not k.startswith("codec_model.")]
+    loaded = load_model(lora)
+    text_ids = loaded.tokenizer.encode("[0]Hello there.")
+    tokens, mask = segment_rows(text_ids, None, eos=False)
+    spare = [2048, 2049, 2050]
+    with torch.no_grad():
+        ours, _ = generate(
+            loaded.model, tokens[None], mask[None], 6, SamplingConfig(1.0, 1), stop_on_eos=False
+        )
+        before, _ = generate(
+            load_model(base).model, tokens[None], mask[None], 6, SamplingConfig(1.0, 1), stop_on_eos=False
+        )
+        theirs = hf.eval().generate(
+            input_ids=torch.tensor([text_ids]), max_new_tokens=6, do_sample=False,
+            depth_decoder_do_sample=False, suppress_tokens=spare, depth_decoder_suppress_tokens=spare,
+        )[0].t()  # fmt: skip
+    frames = theirs.shape[1]  # transformers stops at an all-zero codebook-0 frame
+    assert frames >= 2 and torch.equal(theirs, ours[0, :, :frames])
+    assert not torch.equal(before, ours)  # the adapters matter
+
+
+def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, tmp_path, capsys):
+    """experiment=voice's before/after: elise.evaluate on the held-out clip with the base at the start
+    and the LoRA checkpoint at the end; the summary prints both."""
+    _, _, overrides, _ = voice_run
+    extra = [
+        "trainer.max_steps=2",
+        "+voice_eval.clips=1",
+        "+voice_eval.metrics=[wer,sim]",
+        "+voice_eval.asr=pocketsphinx",
+    ]
+    run(tmp_path, [*overrides, *extra])
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("voice eval on 1 held-out clips"))
+    assert "wer " in line and "sim " in line and " -> " in line and "nan" not in line
+    for name in ("before", "after"):
+        report = json.loads((tmp_path / "voice_eval" / name / "eval_report.json").read_text())
+        assert report["summary"]["counts"]["items"] == 1
+    assert len(list((tmp_path / "voice_eval" / "held_out").glob("*.wav"))) == 1
+
+
+SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "My voice, recorded today, for a small test.",
+    "Reading one sentence at a time is enough.",
+    "This folder has no transcripts but its sidecars.",
+    "Pauses between words are kept as they are.",
+    "The last take of the afternoon session.",
+)
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_readme_voice_command_runs_offline_on_recordings_made_at_test_time(voice_run, code_cache, tmp_path):
+    """``python train.py experiment=voice init_from=<base> data=folder data.root=my_voice/`` at the test
+    size (codec tiny, CPU, 3 steps): espeak-ng recordings with sidecar transcripts in, adapters out."""
+    import subprocess
+
+    _, base, _, _ = voice_run
+    root = tmp_path / "my_voice"
+    root.mkdir()
+    for i, sentence in enumerate(SENTENCES):
+        subprocess.run(
+            ["espeak-ng", "-w", str(root / f"take{i}.wav"), sentence], check=True, capture_output=True
+        )
+        (root / f"take{i}.txt").write_text(sentence + "\n", encoding="utf-8")
+    command = ["experiment=voice", f"init_from={base}", "data=folder", f"data.root={root}"]
+    test_size = [
+        "codec=tiny", "trainer=cpu", "trainer.precision=32-true", "logger=csv", "threads=1",
+        f"paths.cache_dir={code_cache}", "callbacks.eval=null", "callbacks.audio_samples=null",
+        "callbacks.progress_bar=null", "trainer.enable_progress_bar=false", "voice_eval=null",
+        "trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.log_every_n_steps=1",
+        "data.val_count=1", "data.max_samples=2", "optim.warmup_steps=1", "lora.rank=4",
+    ]  # fmt: skip
+    metrics = run(tmp_path / "run", [*command, *test_size])
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    manifest = (tmp_path / "my_voice_clips" / "manifest.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["text"] for line in manifest) == sorted(SENTENCES)  # the sidecars' texts
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["hyper_parameters"]["lora"]["rank"] == 4
+    assert all(is_lora_key(k) for k in ckpt["state_dict"])
+
+
+def test_resuming_on_a_different_base_is_refused(voice_run, tmp_path):
+    tmp, base, overrides, _ = voice_run
+    other = tmp_path / "other.ckpt"
+    shutil.copy(base, other)
+    with open(other, "ab") as f:  # different bytes: a different base as far as the record goes
+        f.write(b"\0")
+    resumed = [o for o in overrides if not o.startswith("init_from=")]
+    ckpt = tmp / "run" / "checkpoints" / "step0000004.ckpt"
+    with pytest.raises(CheckpointError, match="adapters were trained on base") as err:
+        run(tmp_path / "run", [*resumed, f"init_from={other}", f"ckpt_path={ckpt}"])
+    assert "\n" not in str(err.value)
