@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evalkit import sample_clips
 
 from elise.evaluate.asr import BackendUnavailable, PocketSphinx, Whisper, load_asr
 from elise.evaluate.metrics import cer, wer
-from tests.evaluate.conftest import sample_clips
 
 
 def test_whisper_loads_a_local_directory_like_a_hub_id(tiny_whisper: Path) -> None:

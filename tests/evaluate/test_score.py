@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evalkit import SAMPLE, espeak, needs_espeak
 
 from elise.data.audio import read_audio
 from elise.evaluate.score import Scorer, ends_in_silence
 from elise.evaluate.sources import RATE, Item
-from tests.evaluate.conftest import SAMPLE, espeak, needs_espeak
 
 TEXT = "The weather is lovely this morning."
 
