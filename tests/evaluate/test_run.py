@@ -10,7 +10,7 @@ import pytest
 from evalkit import SAMPLE
 
 from elise.cli import main
-from elise.evaluate.synth import evaluate_checkpoint
+from elise.evaluate import evaluate_checkpoint
 
 CHEAP = ["metrics=[eos,duration_ratio]", "progress=false"]
 
