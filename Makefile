@@ -39,6 +39,7 @@ demo: install  ## train a tiny model on the bundled clips, then synthesize a wav
 	$(BIN)/python -m elise.demo $(ARGS)
 
 test: install  ## fast test tier (CPU, offline), one worker per core
+	@command -v espeak-ng >/dev/null || echo "note: no espeak-ng (apt-get install espeak-ng): the voice-similarity tests are skipped"
 	$(BIN)/python -m pytest -q -x -n auto tests
 
 test-full: install  ## every test, slow tier included

@@ -1,5 +1,10 @@
 """``python -m elise.prepare data=sample codec=mimi_random``: encode a data source into the code cache.
 
+Large sets: ``data.store=shards`` (Arrow shards + a clip index), ``prepare.num_workers=N`` decoding
+processes, ``torchrun --nproc-per-node=K -m elise.prepare ...`` or ``prepare.shard=i
+prepare.num_shards=n`` for disjoint slices (the last slice to finish writes the index);
+``data=codes data.path=...`` indexes pre-encoded codes instead (no codec).
+
 Prints the bad-data report (also written to ``<cache_dir>/prepare_report.json``) and the cache
 folder. Training reuses the cache, so running this first is optional but lets a long encoding job
 run (and resume) on its own. A wrong path, an unavailable dataset or codec exits with code 2 and

@@ -189,6 +189,7 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     scripts = read_scripts(_typed(cfg, "dialogue"), cfg.dialogue_file)
     settings = settings_from(cfg)
     context_turns = _number(cfg, "context_turns", int, 0)
+    overlap_ms = _number(cfg, "overlap_ms", float, 0.0)
     max_seconds = _number(cfg, "reference_max_seconds", float, 0.0)
     node = cfg.voices
     voices = read_voices(to_dict(node) if isinstance(node, DictConfig) else node, max_seconds)
@@ -226,7 +227,7 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
             np.save(path.with_suffix(".codes.npy"), turn.codes.numpy().astype(np.int64))  # [32, frames]
         wavs[c].append(str(path.relative_to(folders[c])))
         done[c].append(turn)
-        line = timeline(scripts[c], done[c], synth.sample_rate, settings.pause_ms, wavs[c])
+        line = timeline(scripts[c], done[c], synth.sample_rate, settings.pause_ms, wavs[c], overlap_ms)
         _write_json(folders[c] / "timeline.json", line)
         rows.append({"conversation": scripts[c].name, "path": str(path), **turn.timeline()})
         log.info("%s turn %d/%d (%s): %.2f s%s", scripts[c].name, turn.turn, len(scripts[c].turns),
@@ -235,7 +236,9 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     t1 = time.perf_counter()
     try:
         try:
-            convs = converse(synth, scripts, voices, context_turns, bool(cfg.stream), on_audio, on_turn)
+            convs = converse(
+                synth, scripts, voices, context_turns, bool(cfg.stream), on_audio, on_turn, overlap_ms
+            )
         finally:
             for w in writers.values():
                 w.close()
@@ -250,7 +253,7 @@ def run_dialogue(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.metrics_out:
         _write_json(Path(str(cfg.metrics_out)), rows)
     for conv, folder in zip(convs, folders, strict=True):
-        seconds = conv.turns[-1].end if conv.turns else 0.0
+        seconds = conv.length / synth.sample_rate
         log.info("%s: %d turns, %.2f s of audio -> %s", conv.script.name, len(conv.turns), seconds,
                  folder / "conversation.wav")  # fmt: skip
     log.info("done: %d conversation(s) in %.2f s", len(convs), wall)

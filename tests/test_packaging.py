@@ -141,7 +141,7 @@ def test_built_wheel_works_outside_the_checkout(tmp_path):
     assert table["model"] == "tiny"
     run("-m", "elise.prepare", "data=sample", "codec=tiny", "tokenizer=bytes")
     assert (work / "cache" / "codes" / "prepare_report.json").is_file()
-    from tests.conftest import save_tiny
+    from testkit import save_tiny
 
     ckpt = save_tiny(tmp_path / "tiny.ckpt")
     wav = work / "hello.wav"

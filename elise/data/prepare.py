@@ -25,8 +25,9 @@ from elise.config import conf_defaults, group_options
 from elise.data.audio import TARGET_SR, AudioError
 from elise.data.cache import AudioInfo, CodeCache, decode_job, source_fingerprint
 from elise.data.items import Example, PreparedData
+from elise.data.load import load_items
 from elise.data.shards import ShardStore, index_batch, write_index
-from elise.data.sources import RawItem, load_items, speaker_id, speaker_map
+from elise.data.sources import RawItem, speaker_id, speaker_map
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
 

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SOURCES = ("elise", "ljspeech", "manifest", "folder", "sample")
 DEFAULT_HF_NAME = "Jinsaryko/Elise"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 _SPEAKER_TOKEN = re.compile(r"^[\w.\-]{1,64}$")
@@ -65,33 +64,6 @@ def sample_root() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "sample"
 
 
-def load_items(cfg: Mapping[str, Any]) -> list[RawItem]:
-    """Read the metadata of the source named by ``cfg["source"]`` (first ``max_items`` items).
-
-    Raises:
-        FileNotFoundError: a configured path/root does not exist.
-        DataUnavailable: the hub dataset cannot be fetched.
-        ValueError: unknown source or bad option.
-    """
-    source = cfg.get("source", "sample")
-    if source == "sample":
-        items = read_ljspeech(sample_root(), speaker_column=False)
-    elif source == "ljspeech":
-        items = read_ljspeech(_required(cfg, "root", source), cfg.get("speaker_column", "auto"))
-    elif source == "manifest":
-        items = read_manifest(_required(cfg, "path", source))
-    elif source == "folder":
-        from elise.data.folder import read_folder
-
-        items = read_folder(cfg)
-    elif source == "elise":
-        items = read_hf(cfg.get("name") or DEFAULT_HF_NAME, cfg.get("path"), cfg.get("split") or "train")
-    else:
-        raise ValueError(f"unknown data.source {source!r}; choose one of {', '.join(SOURCES)}")
-    max_items = cfg.get("max_items")
-    return items if max_items is None else items[: int(max_items)]
-
-
 def speaker_map(names: list[str | None]) -> dict[str, int]:
     """Speaker name -> int id. Integer names keep their value; otherwise sorted names get 0, 1, ...
 
@@ -105,16 +77,6 @@ def speaker_map(names: list[str | None]) -> dict[str, int]:
 
 def speaker_id(name: str | None, mapping: Mapping[str, int]) -> int:
     return 0 if name is None else mapping[name]
-
-
-def _required(cfg: Mapping[str, Any], key: str, source: str) -> str:
-    value = cfg.get(key)
-    if not value:
-        raise ValueError(f"data.source={source} needs data.{key}=<...>")
-    return str(value)
-
-
-# --- ljspeech / sample -------------------------------------------------------------------------
 
 
 def read_ljspeech(root: str | Path, speaker_column: bool | str = "auto") -> list[RawItem]:

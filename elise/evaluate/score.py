@@ -120,26 +120,25 @@ class Scorer:
                 "backends": self.backends}  # fmt: skip
 
     def voice_match(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """With two or more reference voices: SIM of every output against every reference, and the share
-        of outputs whose own reference scores highest."""
-        refs = sorted({r["reference"] for r in rows if r.get("reference")})
-        if self.speaker is None or len(refs) < 2:
+        """With outputs of two or more reference voices (``voice`` set: checkpoint mode with a list of
+        reference clips): SIM of every output against every voice's reference, and the share of outputs
+        whose own reference scores highest."""
+        voiced = [r for r in rows if r.get("voice") is not None and r.get("reference")]
+        by_voice: dict[int, str] = {}
+        for r in voiced:
+            by_voice.setdefault(r["voice"], r["reference"])
+        if self.speaker is None or len(by_voice) < 2:
             return None
-        ref_emb = [self.embedding(p) for p in refs]
-        scored = [r for r in rows if r.get("reference")]
-        sims = np.array([[similarity(r["embedding"], e) for e in ref_emb] for r in scored])  # [items, refs]
-        own = np.array([refs.index(r["reference"]) for r in scored])  # [items]
+        order = sorted(by_voice)
+        ref_emb = [self.embedding(by_voice[v]) for v in order]
+        sims = np.array([[similarity(r["embedding"], e) for e in ref_emb] for r in voiced])  # [items, voices]
+        own = np.array([order.index(r["voice"]) for r in voiced])  # [items]
         matched = sims.argmax(axis=1) == own
-        for r, m in zip(scored, matched, strict=True):
+        for r, m in zip(voiced, matched, strict=True):
             r["matched"] = bool(m)
-        matrix = [[float(sims[own == v, j].mean()) if (own == v).any() else None for j in range(len(refs))]
-                  for v in range(len(refs))]  # fmt: skip
-        return {
-            "references": refs,
-            "matrix": matrix,
-            "matched_share": float(matched.mean()),
-            "n": int(matched.size),
-        }
+        matrix = [[float(sims[own == v, j].mean()) for j in range(len(order))] for v in range(len(order))]
+        return {"references": [by_voice[v] for v in order], "matrix": matrix,
+                "matched_share": float(matched.mean()), "n": int(matched.size)}  # fmt: skip
 
 
 def flags(row: dict[str, Any]) -> list[str]:

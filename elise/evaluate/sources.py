@@ -129,7 +129,7 @@ def _json_or_none(line: str) -> object:
 
 
 def _load(entries: list, skipped: Skipped, limit: int | None) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for item_id, text, audio, ref in entries:
         if limit and len(items) >= limit:
             break

@@ -3,21 +3,18 @@ reference voice), keep the wavs, then score them. ``evaluate_checkpoint`` is the
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from elise.data.audio import write_wav
-from elise.evaluate.report import summary_table, write_report
+from elise.evaluate.report import write_report
 from elise.evaluate.score import Scorer
 from elise.evaluate.sources import RATE, Item, Line
 from elise.synthesis.engine import Request, Settings, Synthesizer
 from elise.synthesis.prompt import as_list, check_references
 from elise.synthesis.text import LengthBound
-
-log = logging.getLogger("elise.evaluate")
 
 
 def voices(reference_audio: object, reference_text: object) -> list[tuple[str | None, str | None]]:
@@ -115,5 +112,4 @@ def evaluate_checkpoint(
         "scoring_seconds": round(time.perf_counter() - t2, 2),
     }  # fmt: skip
     write_report(report, out)
-    log.info("%s\n%s", out / "eval_report.md", summary_table(report["summary"]))
     return report

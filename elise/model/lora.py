@@ -102,6 +102,11 @@ def target_projections(targets: Iterable[str]) -> list[tuple[str, str, str]]:
 class LoRALinear(nn.Linear):
     """A bias-free ``nn.Linear`` (the base ``weight``, frozen) plus a rank-r update ``B A``."""
 
+    lora_A: nn.Parameter  # [r, in]
+    lora_B: nn.Parameter  # [out, r]
+    scaling: float
+    dropout: nn.Module
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         nn.Module.__init__(self)  # the base weight is shared, not allocated again
         if base.bias is not None:

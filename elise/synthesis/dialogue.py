@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -272,13 +273,16 @@ class Conversation:
     script: Script
     turns: list[TurnResult] = field(default_factory=list)
     history: list[tuple[int, Segment]] = field(default_factory=list)  # (turn number, segment) with audio
+    length: int = 0  # samples of the joined wav so far
+    tail: Tensor = field(default_factory=lambda: torch.zeros(0))  # its end, held back to mix the next turn in
 
-    def audio(self, pause: Tensor) -> Tensor:
-        """The whole conversation: the turns joined by ``pause`` [n]."""
-        parts: list[Tensor] = []
+    def audio(self, sample_rate: int) -> Tensor:
+        """The whole conversation [n]: every turn at its start (silence between, overlaps summed)."""
+        out = torch.zeros(self.length)
         for t in self.turns:
-            parts += [pause, t.audio] if parts else [t.audio]
-        return torch.cat(parts) if parts else torch.zeros(0)
+            start = round(t.start * sample_rate)
+            out[start : start + t.audio.numel()] += t.audio
+        return out
 
 
 @dataclass
@@ -301,16 +305,29 @@ class Plan:
 
 def converse(synth: Synthesizer, scripts: list[Script], voices: dict[str, Voice] | None = None,
              context_turns: int | None = None, stream: bool = False, on_audio: OnAudio | None = None,
-             on_turn: Callable[[int, TurnResult], None] | None = None) -> list[Conversation]:  # fmt: skip
+             on_turn: Callable[[int, TurnResult], None] | None = None,
+             overlap_ms: float = 0.0) -> list[Conversation]:  # fmt: skip
     """Generate every script as a conversation (``settings.batch_size`` conversations per batch).
 
-    ``on_audio(c, audio)`` receives conversation c's joined wav in order (pauses included): turn by
-    turn, or chunk by chunk as it is decoded with ``stream``. ``on_turn(c, turn)`` follows each turn.
+    ``on_audio(c, audio)`` receives conversation c's joined wav in order: turn by turn, or chunk by
+    chunk as it is decoded with ``stream``. Turns are joined by ``settings.pause_ms`` of silence, or
+    each starts ``overlap_ms`` before the previous one ends (summed; not with ``stream``).
+    ``on_turn(c, turn)`` follows each turn.
     """
     voices = voices or {}
     s = synth.settings
     sr = synth.sample_rate
+    if overlap_ms and stream:
+        raise SynthesisError(
+            "overlap_ms needs stream=false (streamed audio is written before the next turn exists)"
+        )
     pause = torch.zeros(round(s.pause_ms / 1000 * sr))
+    overlap = round(overlap_ms / 1000 * sr)
+
+    def emit(c: int, audio: Tensor) -> None:
+        if on_audio is not None and audio.numel():
+            on_audio(c, audio)
+
     convs = [Conversation(script) for script in scripts]
     bs = max(1, int(s.batch_size))
     for k in range(max(len(script.turns) for script in scripts)):
@@ -320,30 +337,34 @@ def converse(synth: Synthesizer, scripts: list[Script], voices: dict[str, Voice]
             _fit_batch(synth, plans)
             for p in plans:
                 _log_context(convs[p.conv].script, k, p, synth.max_len)
-            _round(synth, convs, plans, pause, stream, on_audio, on_turn)
+            _round(synth, convs, plans, (pause, overlap), stream, emit, on_turn)
+    for c, conv in enumerate(convs):
+        emit(c, conv.tail)
+        conv.tail = torch.zeros(0)
     return convs
 
 
-def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], pause: Tensor, stream: bool,
-           on_audio: OnAudio | None, on_turn: Callable[[int, TurnResult], None] | None) -> None:  # fmt: skip
+def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], gap: tuple[Tensor, int],
+           stream: bool, emit: OnAudio, on_turn: Callable[[int, TurnResult], None] | None) -> None:  # fmt: skip
     sr = synth.sample_rate
     requests = [Request(p.turn.text, p.speaker, p.seed, context=p.context()) for p in plans]
-    if on_audio is not None and stream:
+    if stream:
         for p in plans:
             if convs[p.conv].turns:
-                on_audio(p.conv, pause)
+                emit(p.conv, gap[0])
 
     def chunk(i: int, audio: Tensor) -> None:
-        on_audio(plans[i].conv, audio)  # type: ignore[misc]
+        emit(plans[i].conv, audio)
 
-    results = synth.synthesize(requests, on_chunk=chunk if stream and on_audio is not None else None)
+    results = synth.synthesize(requests, on_chunk=chunk if stream else None)
     for p, res in zip(plans, results, strict=True):
         conv = convs[p.conv]
-        if on_audio is not None and not stream:
-            if conv.turns:
-                on_audio(p.conv, pause)
-            on_audio(p.conv, res.audio)
-        start = conv.turns[-1].end + pause.numel() / sr if conv.turns else 0.0
+        if stream:
+            first = conv.length + (gap[0].numel() if conv.turns else 0)
+            conv.length = first + res.audio.numel()
+        else:
+            first = _join(conv, res.audio, gap, partial(emit, p.conv))
+        start = first / sr
         turn = TurnResult(
             turn=len(conv.turns) + 1, line=p.turn.line, speaker=p.turn.speaker, speaker_id=p.speaker,
             text=p.turn.text, audio=res.audio, codes=res.codes, eos=all(res.eos), start=start,
@@ -355,6 +376,26 @@ def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], pau
             conv.history.append((turn.turn, Segment(p.turn.text, p.speaker, res.codes)))
         if on_turn is not None:
             on_turn(p.conv, turn)
+
+
+def _join(conv: Conversation, audio: Tensor, gap: tuple[Tensor, int], emit: Callable[[Tensor], None]) -> int:
+    """Place a turn in the joined wav, after ``gap = (pause, overlap)``'s pause or ``overlap`` samples
+    over the previous turn's end (summed); hand out all but the last ``overlap`` samples (the next
+    turn is mixed into them). Returns the turn's start sample."""
+    pause, overlap = gap
+    if not conv.turns:
+        start, pending = 0, audio
+    elif overlap:
+        n = min(conv.tail.numel(), audio.numel())
+        cut = conv.tail.numel() - n
+        start, pending = conv.length - n, torch.cat([conv.tail[:cut], conv.tail[cut:] + audio[:n], audio[n:]])
+    else:
+        start, pending = conv.length + pause.numel(), torch.cat([conv.tail, pause, audio])
+    conv.length = max(conv.length, start + audio.numel())
+    keep = pending.numel() - min(overlap, pending.numel())
+    emit(pending[:keep])
+    conv.tail = pending[keep:]
+    return start
 
 
 def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[str, Voice],
@@ -422,13 +463,14 @@ def _log_context(script: Script, k: int, plan: Plan, max_len: int) -> None:
 
 
 def timeline(script: Script, turns: list[TurnResult], sample_rate: int, pause_ms: float,
-             wavs: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+             wavs: list[str] | None = None, overlap_ms: float = 0.0) -> dict[str, Any]:  # fmt: skip
     """The JSON timeline of a conversation's turns so far (start/end: seconds in the joined wav)."""
     entries = [t.timeline() for t in turns]
     for entry, wav in zip(entries, wavs or [], strict=False):
         entry["wav"] = wav
     return {
-        "script": script.source, "sample_rate": sample_rate, "pause_ms": pause_ms,
-        "seconds": round(turns[-1].end if turns else 0.0, 4),
+        "script": script.source, "sample_rate": sample_rate, "pause_ms": 0.0 if overlap_ms else pause_ms,
+        "overlap_ms": overlap_ms,
+        "seconds": round(max((t.end for t in turns), default=0.0), 4),
         "frames": sum(int(t.codes.shape[1]) for t in turns), "turns": entries,
     }  # fmt: skip

@@ -15,9 +15,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+from testkit import save_tiny
 
 from elise.cli import COMMANDS, VERBATIM_KEYS, check_overrides, claim_run_dir, help_text, verbatim_args
-from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 AWKWARD = list("\\'\"${}[](),=:;# ~*?%@|`!\t") + ["${x}", "\\${", "é", "日本", "null", " "]

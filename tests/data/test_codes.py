@@ -125,3 +125,23 @@ def test_datamodule_trains_from_pre_encoded_codes_without_a_codec(tmp_path: Path
         seen += batch["ids"]
         assert batch["tokens"].shape[0] * batch["tokens"].shape[1] <= 300
     assert sorted(seen) == sorted(e.id for e in dm.train_set.examples) and len(index) == 38
+
+
+def test_bench_synthetic_set_is_indexed_and_rows_report_it(tmp_path: Path) -> None:
+    from elise.bench.data import data_rows, synthetic_codes
+
+    src = synthetic_codes(tmp_path / "syn", 3000, per_file=1000)
+    assert len(list(src.glob("*.arrow"))) == 3
+    data = prepare_codes(
+        cfg(src, tmp_path / "cache", val_count=None, val_fraction=0.01), ByteTokenizer(), progress=False
+    )
+    index = ClipIndex(data.index)
+    frames = index.column("frames")
+    assert data.report["kept"] == len(index) == 3000 and frames.min() >= 12 and frames.max() <= 250
+    assert 0 < data.report["val"] < 100 and len(data.report["speakers"]) > 400
+    assert synthetic_codes(tmp_path / "syn", 3000, per_file=1000) == src  # kept, not generated again
+    fig = {"index_s": 1.0, "sampler_s": 2.0, "epoch_plan_s": 3.0, "first_batch_s": 4.0, "peak_rss_mb": 5.0}
+    rows = data_rows({"encode": {"codec": "x", "batched": {"audio_s_per_s": 1, "s": 1}, "one_by_one": {"audio_s_per_s": 1, "s": 1}},
+                      "prepare": {"skipped": "-"}, "throughput": {"clips": 8, "tiny/2": {"s": 2.0, "clips_per_s": 4.0}},
+                      "startup": {"clips": 3000, "cold": fig}})  # fmt: skip
+    assert rows[2]["clips/s"] == 4.0 and rows[-1]["MB"] == 5.0 and rows[-2]["s"] == 5.0

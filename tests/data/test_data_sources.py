@@ -9,18 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from testkit import tone
 
 from elise.data.audio import TARGET_SR, AudioError, read_audio, resample
+from elise.data.load import load_items
 from elise.data.sources import (
     DataUnavailable,
-    load_items,
     read_hf,
     read_ljspeech,
     read_manifest,
     sample_root,
     speaker_map,
 )
-from tests.conftest import tone
 
 
 def encoded(wav: np.ndarray, sr: int, fmt: str = "WAV") -> bytes:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from testkit import lj_folder, tone
 
 import elise.data.cache
 import elise.data.prepare as prep
@@ -20,7 +21,6 @@ from elise.codec import build_codec
 from elise.codec.base import Codec
 from elise.data.prepare import BadItem, assign_splits, prepare
 from elise.text import ByteTokenizer, HFTokenizer, encode_prompt
-from tests.conftest import lj_folder, tone
 
 ROOT = Path(__file__).resolve().parents[2]
 

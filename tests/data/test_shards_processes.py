@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
+from testkit import lj_folder
 
 from elise.codec import build_codec
 from elise.data.codes import examples_of
 from elise.data.prepare import prepare
 from elise.data.shards import read_ipc
 from elise.text import ByteTokenizer
-from tests.conftest import lj_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from evalkit import SAMPLE
 
 from elise.cli import main
-from elise.evaluate.synth import evaluate_checkpoint
-from tests.evaluate.conftest import SAMPLE
+from elise.evaluate import evaluate_checkpoint
 
 CHEAP = ["metrics=[eos,duration_ratio]", "progress=false"]
 

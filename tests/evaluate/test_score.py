@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evalkit import SAMPLE, espeak, needs_espeak
 
 from elise.data.audio import read_audio
 from elise.evaluate.score import Scorer, ends_in_silence
 from elise.evaluate.sources import RATE, Item
-from tests.evaluate.conftest import SAMPLE, espeak, needs_espeak
 
 TEXT = "The weather is lovely this morning."
 
@@ -64,7 +64,8 @@ def test_voice_match_matrix_finds_each_output_s_own_voice(tmp_path: Path) -> Non
         )
         for i, v in enumerate(voices)
     ]
-    report = Scorer(["sim"], sim="resemblyzer").score(items)
+    scorer = Scorer(["sim"], sim="resemblyzer")
+    report = scorer.score(items)
     vm = report["voice_match"]
     assert vm["references"] == sorted(refs) and vm["n"] == 3
     assert vm["matched_share"] == 1.0 and all(r["matched"] for r in report["items"])
@@ -72,3 +73,8 @@ def test_voice_match_matrix_finds_each_output_s_own_voice(tmp_path: Path) -> Non
     assert (matrix.argmax(axis=1) == np.arange(3)).all()
     assert report["summary"]["sim"]["mean"] == pytest.approx(np.mean(np.diag(matrix)))
     assert "embedding" not in report["items"][0]
+    # clips of one voice as per-line references (audio mode) are no voices to tell apart: no matrix
+    assert (
+        scorer.voice_match([{"reference": refs[0], "voice": None}, {"reference": refs[1], "voice": None}])
+        is None
+    )

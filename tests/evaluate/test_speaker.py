@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from evalkit import espeak, needs_espeak
 
 from elise.data.audio import read_audio
 from elise.evaluate.asr import BackendUnavailable
 from elise.evaluate.speaker import Resemblyzer, WavLM, load_speaker_model, similarity
-from tests.evaluate.conftest import espeak, needs_espeak
 
 
 def test_wavlm_loads_a_local_directory_like_a_hub_id(tiny_wavlm: Path) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
-from tests.conftest import tone
+from testkit import tone
 
 pytestmark = pytest.mark.browser
 

@@ -77,7 +77,7 @@ def test_models_health_and_page(served):
 
 
 def test_voice_upload_use_list_delete(served, tmp_path):
-    from tests.conftest import tone
+    from testkit import tone
 
     url, server = served
     buf = io.BytesIO()

@@ -140,6 +140,23 @@ def test_two_speakers_timeline_joined_wav_and_turn_files(tiny_ckpt, tmp_path, vo
     assert [(Path(i.wav).name, i.text) for i in items] == [(Path(t["wav"]).name, t["text"]) for t in turns]
 
 
+def test_overlapping_turns_are_summed(tiny_ckpt, tmp_path, voices):
+    rows = run(dialogue(tiny_ckpt, tmp_path, voices, overlap_ms=100))
+    out = tmp_path / "out"
+    joined = sf.read(out / "conversation.wav", dtype="float32")[0]
+    assert joined.shape[0] == 3 * 5 * SPF - 2 * 2400  # three 0.4 s turns, two 0.1 s overlaps
+    assert [r["start"] for r in rows] == [0.0, 0.3, 0.6] and [r["end"] for r in rows] == [0.4, 0.7, 1.0]
+    placed = np.zeros_like(joined)
+    for r in rows:
+        start = round(r["start"] * SR)
+        turn = sf.read(r["path"], dtype="float32")[0]
+        placed[start : start + turn.shape[0]] += turn
+    assert np.abs(joined - np.clip(placed, -1, 1)).max() < 3 / 32768  # 16-bit rounding of the parts
+    assert json.loads((out / "timeline.json").read_text())["overlap_ms"] == 100
+    with pytest.raises(SynthesisError, match="overlap_ms needs stream=false"):
+        run(dialogue(tiny_ckpt, tmp_path, voices, "s", overlap_ms=100, stream=True))
+
+
 def test_same_seed_same_conversation(tiny_ckpt, tmp_path, voices):
     def sample(name: str, seed: int) -> bytes:
         run(dialogue(tiny_ckpt, tmp_path, voices, name, seed=seed, top_k=50, temperature=1.0))
@@ -167,7 +184,7 @@ def test_turn_prompts_hold_the_voices_and_previous_turns(tiny_ckpt, voices, monk
     encode_voices(vs, s.codec)
     [conv] = converse(s, [parse_script(SCRIPT)], vs)
     voice_prompt = vs["alice"].prompt + vs["bob"].prompt
-    assert conv.audio(torch.zeros(7)).numel() == 3 * 5 * SPF + 2 * 7  # turns joined by the pause
+    assert conv.audio(SR).numel() == conv.length == 3 * 5 * SPF + 2 * 3600  # turns joined by 150 ms pauses
     assert len(prompts) == 3 and all(t.codes.shape == (NUM_CODEBOOKS, 5) for t in conv.turns)
     for k, turn in enumerate(conv.turns):
         previous = [Segment(t.text, t.speaker_id, t.codes) for t in conv.turns[:k]]

@@ -13,12 +13,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig
+from testkit import save_tiny
 
 from elise.checkpoints import CheckpointError
 from elise.config import compose
 from elise.synthesis import SynthesisError
 from elise.synthesize import run
-from tests.conftest import save_tiny
 
 FAST = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 ODD = "\x00\x07\x1b\x7f\u200b\u200e\u202e\ufeff\u0301\t\r\n"  # controls, zero-width, bidi, BOM, combining

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 from omegaconf import DictConfig
+from testkit import save_tiny
 
 from elise.codec import build_codec
 from elise.config import compose
@@ -18,7 +19,6 @@ from elise.layout import EOS_CODE, NUM_CODEBOOKS, TEXT_COL
 from elise.synthesis import Segment, build_prompt, load_references
 from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt
-from tests.conftest import save_tiny
 
 SPF = 1920
 

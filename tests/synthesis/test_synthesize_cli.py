@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
-from tests.conftest import save_tiny
+from testkit import save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 

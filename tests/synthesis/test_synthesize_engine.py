@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 from test_synthesize import config
+from testkit import save_tiny
 
 from elise.codec import build_codec
 from elise.layout import NUM_CODEBOOKS, pad_rows, segment_rows
@@ -22,7 +23,6 @@ from elise.model.loss import csm_loss
 from elise.synthesis import Request, Settings, SynthesisError, Synthesizer, resolve_speaker
 from elise.synthesize import run
 from elise.text import ByteTokenizer, encode_prompt
-from tests.conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["Hello there, how are you today?", "The weather is lovely this morning.", "Good night."]
