@@ -1,6 +1,7 @@
 """The OpenAI-compatible speech server: FastAPI routes over one ``Batcher`` (the model worker).
 
 ``POST /v1/audio/speech`` (OpenAI's request shape; extensions ``seed``, ``temperature``, ``top_k``),
+``POST /v1/audio/dialogue`` (an elise extension: a conversation script, ``elise.serve.dialogue``),
 ``GET/POST /v1/audio/voices``, ``DELETE /v1/audio/voices/{name}``, ``GET /v1/models``, ``GET /health``,
 ``GET /metrics`` and the page at ``/``. Errors use OpenAI's shape ``{"error": {"message", "type",
 "param", "code"}}``; with ``api_key`` set every ``/v1`` route needs ``Authorization: Bearer <key>``.
@@ -31,8 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel
 
 from elise.generate import SamplingConfig
+from elise.serve import dialogue as conversation
 from elise.serve.batcher import DONE, Batcher, Job, QueueFull, TimeLimit
-from elise.serve.formats import FORMATS, STREAMING, StreamEncoder, media_type
+from elise.serve.dialogue import DialogueRequest
+from elise.serve.formats import FORMATS, STREAMING, StreamEncoder, encode, media_type
 from elise.serve.metrics import Metrics
 from elise.serve.voices import VoiceError, VoiceStore
 from elise.synthesis import Request as SynthRequest
@@ -108,7 +111,7 @@ class Server:
         settings = settings_from(OmegaConf.create({**gen_keys, "batch_size": 1, "seed": cfg.seed or 0}))
         codec = gen_keys.get("codec")
         synth = Synthesizer.load(str(cfg.ckpt or ""), codec, str(cfg.device), str(cfg.dtype), cfg.quantize,
-                                 settings=settings)  # fmt: skip
+                                 settings=settings, base=cfg.get("base"))  # fmt: skip
         if synth.codec.random_weights:
             log.warning("codec %s has RANDOM weights: the audio it decodes is noise", synth.codec.identity)
         metrics = Metrics()
@@ -158,22 +161,28 @@ class Server:
             voice = self.voices.get(str(voice_name))
         except VoiceError as err:
             raise ApiError(400, str(err), "voice", "unknown_voice") from err
-        s = self.synth.settings
-        temperature = s.temperature if body.temperature is None else body.temperature
-        top_k = s.top_k if body.top_k is None else body.top_k
-        if not 0.0 <= temperature <= 5.0:
-            raise ApiError(400, f"temperature={temperature}: use 0 to 5", "temperature")
-        if top_k < 0:
-            raise ApiError(400, f"top_k={top_k}: use 0 (all codes) or more", "top_k")
+        sampling, seed = self.sampling(body.temperature, body.top_k, body.seed)
         try:
             pieces = self.synth.pieces(SynthRequest(text))
         except SynthesisError as err:
             raise ApiError(400, str(err), "input") from err
-        seed = self.limits.seed if body.seed is None else int(body.seed)
-        seed = secrets.randbelow(2**31) if seed is None else seed
-        sampling = SamplingConfig(float(temperature), int(top_k), s.depth_temperature)
         return Job(pieces, voice.speaker, voice.context, sampling, seed, sink,
                    time.perf_counter() + self.limits.time_limit_s)  # fmt: skip
+
+    def sampling(
+        self, temperature: float | None, top_k: int | None, seed: int | None
+    ) -> tuple[SamplingConfig, int]:
+        """A request's sampling and seed (None: the server's; no seed anywhere: a random one); 400s when bad."""
+        s = self.synth.settings
+        temperature = s.temperature if temperature is None else temperature
+        top_k = s.top_k if top_k is None else top_k
+        if not 0.0 <= temperature <= 5.0:
+            raise ApiError(400, f"temperature={temperature}: use 0 to 5", "temperature")
+        if top_k < 0:
+            raise ApiError(400, f"top_k={top_k}: use 0 (all codes) or more", "top_k")
+        seed = self.limits.seed if seed is None else int(seed)
+        seed = secrets.randbelow(2**31) if seed is None else seed
+        return SamplingConfig(float(temperature), int(top_k), s.depth_temperature), seed
 
     def check_key(self, request: Request) -> None:
         key = self.limits.api_key
@@ -343,6 +352,37 @@ def app(server: Server) -> FastAPI:
             return StreamingResponse(audio(), media_type=media_type(fmt), headers=headers)
         body_bytes = b"".join([data async for data in audio()])
         return Response(body_bytes, media_type=media_type(fmt), headers=headers)
+
+    @api.post("/v1/audio/dialogue", dependencies=[auth])
+    async def dialogue(body: DialogueRequest) -> Response:
+        """A conversation (elise extension): script turns in, the joined audio (+ timeline) out."""
+        if not server.ready:
+            raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
+        plan = conversation.check(server, body)
+        t0 = time.perf_counter()
+        try:
+            conv = await asyncio.to_thread(conversation.run, server, plan, t0 + server.limits.time_limit_s)
+        except QueueFull as err:
+            server.metrics.requests.labels("rejected").inc()
+            raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": "2"}) from err
+        except TimeLimit as err:
+            server.metrics.requests.labels("error").inc()
+            raise ApiError(504, str(err), code="time_limit") from err
+        except SynthesisError as err:
+            server.metrics.requests.labels("error").inc()
+            raise ApiError(400, str(err), "script") from err
+        wav = conv.audio(sr).numpy().astype(np.float32)
+        server.metrics.requests.labels("ok").inc()
+        server.metrics.audio_seconds.inc(wav.size / sr)
+        if wav.size:
+            server.metrics.rtf.observe((time.perf_counter() - t0) / (wav.size / sr))
+        headers = {"x-elise-seed": str(plan.seed), "x-elise-sample-rate": str(sr),
+                   "x-elise-turns": str(len(conv.turns))}  # fmt: skip
+        if body.response_format == conversation.JSON:
+            audio = base64.b64encode(encode(wav, sr, body.audio_format)).decode()
+            return JSONResponse(conversation.body_json(plan, conv, audio, body.audio_format), headers=headers)
+        return Response(encode(wav, sr, body.response_format), media_type=media_type(body.response_format),
+                        headers=headers)  # fmt: skip
 
     def finish(job: Job, ok: bool) -> None:
         m = server.metrics

@@ -62,6 +62,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_audio: float | None = None  # seconds from submit to the first audio chunk
     samples: int = 0  # audio samples handed out
+    spoken: list[tuple[Tensor, bool]] = field(default_factory=list)  # per ended piece: (codes [32, n], EOS)
     # progress of the current piece
     piece: int = -1
     previous: Segment | None = None
@@ -286,9 +287,14 @@ class Batcher:
                 log.warning(
                     "a piece reached its frame limit (%d frames) without end-of-speech; cut there", job.limit
                 )
+            codes = (
+                torch.stack(job.codes, dim=1)
+                if job.codes
+                else torch.zeros(NUM_CODEBOOKS, 0, dtype=torch.long)
+            )
+            job.spoken.append((codes, done))
             keep = self.synth.settings.carry_context and done and job.codes
-            piece = torch.stack(job.codes, dim=1) if keep else None  # [32, frames]
-            job.previous = None if piece is None else Segment(job.pieces[job.piece], job.speaker, piece)
+            job.previous = Segment(job.pieces[job.piece], job.speaker, codes) if keep else None
             self._retire(i)
             self.between.append(job)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from elise.synthesis.engine import Request, Synthesizer, resolve_speaker
+from elise.synthesis.engine import OnChunk, Request, Result, Synthesizer, resolve_speaker
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.prompt import Segment, check_references, load_references
 from elise.synthesis.text import max_frames, normalize
@@ -40,6 +40,8 @@ VOICE_KEYS = ("audio", "text", "speaker")
 SEED_STRIDE = 1000  # conversation c's turn k samples with seed + SEED_STRIDE * c + k + 1
 
 OnAudio = Callable[[int, Tensor], None]  # (conversation index, audio [n] float32): the joined wav, in order
+# a round's requests -> their Results (on_chunk streams): Synthesizer.synthesize, or the server's model worker
+Generate = Callable[[list[Request], OnChunk | None], list[Result]]
 
 
 # ---- scripts ------------------------------------------------------------------------------------
@@ -306,13 +308,15 @@ class Plan:
 def converse(synth: Synthesizer, scripts: list[Script], voices: dict[str, Voice] | None = None,
              context_turns: int | None = None, stream: bool = False, on_audio: OnAudio | None = None,
              on_turn: Callable[[int, TurnResult], None] | None = None,
-             overlap_ms: float = 0.0) -> list[Conversation]:  # fmt: skip
+             overlap_ms: float = 0.0, generate: Generate | None = None) -> list[Conversation]:  # fmt: skip
     """Generate every script as a conversation (``settings.batch_size`` conversations per batch).
 
     ``on_audio(c, audio)`` receives conversation c's joined wav in order: turn by turn, or chunk by
     chunk as it is decoded with ``stream``. Turns are joined by ``settings.pause_ms`` of silence, or
     each starts ``overlap_ms`` before the previous one ends (summed; not with ``stream``).
-    ``on_turn(c, turn)`` follows each turn.
+    ``on_turn(c, turn)`` follows each turn. ``generate(requests, on_chunk)`` makes each round's audio
+    (default ``synth.synthesize``; the server passes its model worker): ``synth`` then only plans the
+    prompts (its tokenizer, settings, speakers and ``max_len``).
     """
     voices = voices or {}
     s = synth.settings
@@ -337,7 +341,7 @@ def converse(synth: Synthesizer, scripts: list[Script], voices: dict[str, Voice]
             _fit_batch(synth, plans)
             for p in plans:
                 _log_context(convs[p.conv].script, k, p, synth.max_len)
-            _round(synth, convs, plans, (pause, overlap), stream, emit, on_turn)
+            _round(synth, convs, plans, (pause, overlap), stream, emit, on_turn, generate)
     for c, conv in enumerate(convs):
         emit(c, conv.tail)
         conv.tail = torch.zeros(0)
@@ -345,7 +349,8 @@ def converse(synth: Synthesizer, scripts: list[Script], voices: dict[str, Voice]
 
 
 def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], gap: tuple[Tensor, int],
-           stream: bool, emit: OnAudio, on_turn: Callable[[int, TurnResult], None] | None) -> None:  # fmt: skip
+           stream: bool, emit: OnAudio, on_turn: Callable[[int, TurnResult], None] | None,
+           generate: Generate | None = None) -> None:  # fmt: skip
     sr = synth.sample_rate
     requests = [Request(p.turn.text, p.speaker, p.seed, context=p.context()) for p in plans]
     if stream:
@@ -356,7 +361,7 @@ def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], gap
     def chunk(i: int, audio: Tensor) -> None:
         emit(plans[i].conv, audio)
 
-    results = synth.synthesize(requests, on_chunk=chunk if stream else None)
+    results = (generate or synth.synthesize)(requests, chunk if stream else None)
     for p, res in zip(plans, results, strict=True):
         conv = convs[p.conv]
         if stream:

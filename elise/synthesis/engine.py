@@ -143,12 +143,13 @@ class Synthesizer:
     @classmethod
     def load(cls, ckpt: str, codec: dict[str, Any] | str | None = None, device: str = "cpu",
              dtype: str = "auto", quantize: str | None = None, compile: bool = False,
-             settings: Settings | None = None) -> Synthesizer:  # fmt: skip
-        """Load a checkpoint (elise .ckpt or transformers directory) and its codec (None: the recorded one)."""
+             settings: Settings | None = None, base: str | None = None) -> Synthesizer:  # fmt: skip
+        """Load a checkpoint (elise .ckpt or transformers directory) and its codec (None: the recorded one);
+        a LoRA checkpoint merged into ``base`` (None: the base path it records)."""
         from elise.synthesis.runtime import load, load_codec, prepare_model, resolve_device, resolve_dtype
 
         dev = resolve_device(device)
-        loaded = load(ckpt, dev)
+        loaded = load(ckpt, dev, base)
         model = prepare_model(loaded.model, resolve_dtype(dtype, dev), quantize, compile)
         codec_model = load_codec(codec, loaded.codec, dev, model.cfg.num_codebooks)
         return cls(model, loaded.tokenizer, codec_model, settings, loaded.speakers)

@@ -1,0 +1,164 @@
+"""``POST /v1/audio/dialogue`` (an elise extension): a script of ``<speaker>: <text>`` turns in, the
+conversation's audio (and its timeline) out.
+
+``elise.synthesis.dialogue.converse`` plans every turn exactly as ``synthesize.py dialogue=...`` does
+(the speakers' voice prompts, then the earlier turns' text and generated codes within the server's
+positions, the seed of turn k ``seed + k + 1``), and each turn runs in the model worker as a job like a
+speech request: the worker stays the only thread that touches the model and the codec (Mimi's streaming
+state included), a turn shares the batch with other requests, and the queue and time limits apply.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from elise.generate import SamplingConfig
+from elise.serve.batcher import DONE, Job
+from elise.serve.formats import FORMATS
+from elise.serve.voices import VoiceError
+from elise.synthesis import SynthesisError, Synthesizer
+from elise.synthesis.dialogue import Conversation, Generate, Script, Voice, converse, parse_script, timeline
+from elise.synthesis.engine import OnChunk, Request, Result
+
+JSON = "json"  # response_format: {"audio": base64 <audio_format>, "timeline": ...}
+MAX_PAUSE_MS = 10_000
+
+
+class DialogueRequest(BaseModel):
+    """The body: ``script`` (turns, one a line), ``voices`` (script speaker -> a server voice name)."""
+
+    model: str = "elise"
+    script: str
+    voices: dict[str, str] | None = None
+    response_format: str = "wav"
+    audio_format: str = "wav"  # the audio inside a response_format=json body
+    seed: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    pause_ms: float | None = None
+    context_turns: int | None = None
+
+
+@dataclass
+class Plan:
+    """A checked dialogue request: its script, voices, planning Synthesizer and sampling."""
+
+    script: Script
+    voices: dict[str, Voice]
+    planner: Synthesizer
+    sampling: SamplingConfig
+    seed: int
+    context_turns: int | None
+
+
+def check(server: Any, body: DialogueRequest) -> Plan:
+    """A dialogue request -> its Plan; ApiError 400 naming the parameter (or the script line) when bad."""
+    from elise.serve.app import ApiError
+
+    if len(body.script) > server.limits.max_input_chars:
+        raise ApiError(400, f"script has {len(body.script)} characters; the limit is "
+                       f"{server.limits.max_input_chars}", "script", "input_too_long")  # fmt: skip
+    if body.response_format not in (*FORMATS, JSON):
+        raise ApiError(400, f"response_format={body.response_format!r}: use one of {', '.join(FORMATS)} or json",
+                       "response_format")  # fmt: skip
+    if body.audio_format not in FORMATS:
+        raise ApiError(
+            400, f"audio_format={body.audio_format!r}: use one of {', '.join(FORMATS)}", "audio_format"
+        )
+    s = server.synth.settings
+    pause = s.pause_ms if body.pause_ms is None else float(body.pause_ms)
+    if not 0 <= pause <= MAX_PAUSE_MS:
+        raise ApiError(400, f"pause_ms={pause}: use 0 to {MAX_PAUSE_MS}", "pause_ms")
+    if body.context_turns is not None and body.context_turns < 0:
+        raise ApiError(400, f"context_turns={body.context_turns}: use 0 or more (null: all that fit)",
+                       "context_turns")  # fmt: skip
+    try:
+        script = parse_script(body.script, "script")
+    except SynthesisError as err:
+        raise ApiError(400, str(err), "script", "malformed_script") from err
+    voices = resolve(server, script, body.voices or {})
+    sampling, seed = server.sampling(body.temperature, body.top_k, body.seed)
+    planner = Synthesizer(server.synth.model, server.synth.tokenizer, server.synth.codec,
+                          replace(s, seed=seed, pause_ms=pause, batch_size=1), server.synth.speakers)  # fmt: skip
+    planner.max_len = server.batcher.max_len  # the worker's positions, not only the model's
+    return Plan(script, voices, planner, sampling, seed, body.context_turns)
+
+
+def resolve(server: Any, script: Script, names: dict[str, str]) -> dict[str, Voice]:
+    """Every script speaker -> a Voice: ``names[speaker]`` (a server voice), else the speaker itself as a
+    voice name (an uploaded voice, ``default``, a checkpoint speaker name) or speaker id."""
+    from elise.serve.app import ApiError
+
+    speakers = {t.speaker: t.line for t in reversed(script.turns)}  # speaker -> its first line
+    extra = sorted(set(names) - set(speakers))
+    if extra:
+        raise ApiError(400, f"voices names {extra[0]!r}, who has no turn in the script", "voices")
+    out = {}
+    for speaker, line in sorted(speakers.items(), key=lambda kv: kv[1]):
+        try:
+            voice = server.voices.get(names.get(speaker, speaker))
+            out[speaker] = Voice(speaker, voice.speaker, prompt=list(voice.context))
+            continue
+        except VoiceError as err:
+            if speaker in names:
+                raise ApiError(400, f"voices.{speaker}: {err}", "voices", "unknown_voice") from err
+        try:
+            out[speaker] = Voice(speaker, server.synth.speaker_id(speaker))
+        except SynthesisError as err:
+            raise ApiError(400, f"script line {line}: unknown speaker {speaker!r}: not a voice of this server "
+                           f"(GET /v1/audio/voices) nor a speaker of the checkpoint ({err})", "script",
+                           "unknown_voice") from err  # fmt: skip
+    return out
+
+
+def worker(server: Any, sampling: SamplingConfig, deadline: float) -> Generate:
+    """``converse``'s ``generate``: each request becomes a model-worker job; waits for their audio."""
+
+    def generate(requests: list[Request], on_chunk: OnChunk | None) -> list[Result]:
+        waits = []
+        for r in requests:
+            assert r.speaker is not None and r.seed is not None  # converse sets both
+            q: queue.Queue = queue.Queue()
+            job = Job(server.synth.pieces(r), r.speaker, list(r.context or []), sampling, int(r.seed), q.put,
+                      deadline)  # fmt: skip
+            server.batcher.submit(job)
+            waits.append((job, q))
+        results = []
+        try:
+            for i, (job, q) in enumerate(waits):
+                chunks = []
+                while (item := q.get()) is not DONE:
+                    if isinstance(item, BaseException):
+                        raise item
+                    chunks.append(item)
+                    if on_chunk is not None:
+                        on_chunk(i, item)
+                audio = torch.cat(chunks) if chunks else torch.zeros(0)
+                pieces, eos = [c for c, _ in job.spoken], [e for _, e in job.spoken]
+                results.append(Result(audio, server.synth.sample_rate, pieces, eos, {"seed": job.seed}))
+        finally:
+            for job, _ in waits:
+                job.cancel()  # a no-op once done; frees the rows of the others on an error
+        return results
+
+    return generate
+
+
+def run(server: Any, plan: Plan, deadline: float) -> Conversation:
+    """Generate the conversation (blocking: call it off the event loop)."""
+    return converse(plan.planner, [plan.script], plan.voices, plan.context_turns,
+                    generate=worker(server, plan.sampling, deadline))[0]  # fmt: skip
+
+
+def body_json(plan: Plan, conv: Conversation, audio: str, audio_format: str) -> dict[str, Any]:
+    """The ``response_format=json`` body: base64 audio and the timeline."""
+    sr = plan.planner.sample_rate
+    return {
+        "object": "audio.dialogue", "audio": audio, "audio_format": audio_format, "sample_rate": sr,
+        "seed": plan.seed, "timeline": timeline(plan.script, conv.turns, sr, plan.planner.settings.pause_ms),
+    }  # fmt: skip

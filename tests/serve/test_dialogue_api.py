@@ -1,0 +1,149 @@
+"""``POST /v1/audio/dialogue`` on the session's server (tiny model and codec, turns cut at 1 s): the audio
+matches the timeline, it equals ``synthesize.py``'s conversation for the seed, same seed same bytes,
+bad scripts are 400s naming the line, and the server keeps serving."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+
+from elise.synthesis import Synthesizer
+from elise.synthesis.dialogue import Voice, converse, parse_script
+
+SPF, SR = 1920, 24_000
+SCRIPT = "# two speakers\n0: Hello there.\n1: Hi! How are you?\n\n0: Fine, thanks."
+
+
+def post(url: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(f"{url}/v1/audio/dialogue", json=body, timeout=120, **kw)
+
+
+def test_a_two_speaker_script_gives_audio_as_long_as_its_timeline(served):
+    url, _ = served
+    r = post(url, {"script": SCRIPT, "seed": 3, "response_format": "json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert r.headers["x-elise-seed"] == "3" and r.headers["x-elise-turns"] == "3"
+    wav, sr = sf.read(io.BytesIO(base64.b64decode(body["audio"])), dtype="float32")
+    tl = body["timeline"]
+    turns = tl["turns"]
+    assert sr == SR and body["audio_format"] == "wav" and body["seed"] == 3
+    assert [(t["turn"], t["line"], t["speaker"], t["speaker_id"]) for t in turns] == [
+        (1, 2, "0", 0), (2, 3, "1", 1), (3, 5, "0", 0)
+    ]  # fmt: skip
+    assert [t["context"] for t in turns] == [[], [1], [1, 2]]  # every earlier turn is in the prompt
+    assert [t["seed"] for t in turns] == [4, 5, 6]  # seed + k + 1, as synthesize.py
+    pause = round(0.150 * SR)
+    assert wav.size == sum(t["frames"] for t in turns) * SPF + 2 * pause  # turns + pauses, nothing else
+    assert wav.size == round(tl["seconds"] * SR)
+    for a, b in zip(turns, turns[1:], strict=False):
+        assert b["start"] == pytest.approx(a["end"] + 0.150, abs=1e-4)
+    assert turns[1]["prompt_rows"] > turns[0]["prompt_rows"] + turns[0]["frames"]  # turn 1's codes joined
+
+
+def test_the_same_seed_gives_the_same_bytes_and_the_engines_conversation(served):
+    url, server = served
+    body = {"script": SCRIPT, "seed": 11, "response_format": "pcm", "pause_ms": 40}
+    first, second = post(url, body), post(url, body)
+    assert first.status_code == 200 and first.content == second.content
+    assert post(url, {**body, "seed": 12}).content != first.content
+    # synthesize.py's conversation (the engine, not the worker) for the same seed: the same audio
+    synth = server.synth
+    engine = Synthesizer(synth.model, synth.tokenizer, synth.codec,
+                         replace(synth.settings, seed=11, pause_ms=40), synth.speakers)  # fmt: skip
+    voices = {"0": Voice("0", 0), "1": Voice("1", 1)}
+    conv = converse(engine, [parse_script(SCRIPT, "script")], voices)[0]
+    served_audio = np.frombuffer(first.content, dtype="<i2").astype(np.float32) / 32767
+    expected = np.clip(conv.audio(SR).numpy(), -1, 1)
+    assert served_audio.shape == expected.shape
+    assert np.abs(served_audio - expected).max() <= 1.5 / 32767  # pcm16 rounding only
+
+
+def test_server_voices_speak_the_turns(served, tmp_path):
+    from testkit import tone
+
+    url, server = served
+    buf = io.BytesIO()
+    sf.write(buf, tone(1.5, sr=16_000), 16_000, format="WAV")
+    files = {"file": ("v.wav", buf.getvalue(), "audio/wav")}
+    assert httpx.post(f"{url}/v1/audio/voices", data={"name": "dlg_bob", "transcript": "A tone."},
+                      files=files).status_code == 200  # fmt: skip
+    try:
+        script = "alice: Good morning.\nbob: Morning to you."
+        r = post(url, {"script": script, "voices": {"alice": "default", "bob": "dlg_bob"}, "seed": 1,
+                       "response_format": "json", "context_turns": 0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        turns = r.json()["timeline"]["turns"]
+        assert [t["speaker"] for t in turns] == ["alice", "bob"] and turns[1]["context"] == []
+        # every turn's prompt holds the uploaded voice's codes (alice's default voice has none)
+        voice_frames = np.load(server.voices.dir / "dlg_bob.npy").shape[1]
+        for t in turns:
+            assert t["prompt_rows"] > voice_frames + len("A tone.") + len(t["text"]), t
+        r = post(url, {"script": script, "voices": {"alice": "default"}})  # bob: no voice, no speaker
+        assert r.status_code == 400 and "script line 2: unknown speaker 'bob'" in r.json()["error"]["message"]
+    finally:
+        httpx.delete(f"{url}/v1/audio/voices/dlg_bob")
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "message"),
+    [
+        ({"script": "0: Hello.\nno colon here"}, "script", "script line 2: no colon"),
+        ({"script": "# c\n\n0: Hello.\n: no speaker"}, "script", "script line 4: no speaker"),
+        ({"script": "0: Hello.\n1:   "}, "script", "script line 2: speaker '1' has no text"),
+        ({"script": "# only a comment"}, "script", "no turns"),
+        ({"script": "x" * 5000}, "script", "5000 characters"),
+        ({"voices": {"0": "nobody"}}, "voices", "voices.0: unknown voice 'nobody'"),
+        ({"voices": {"carol": "default"}}, "voices", "'carol', who has no turn"),
+        ({"response_format": "ogg"}, "response_format", "response_format='ogg'"),
+        ({"response_format": "json", "audio_format": "json"}, "audio_format", "audio_format='json'"),
+        ({"pause_ms": -1}, "pause_ms", "pause_ms=-1"),
+        ({"context_turns": -2}, "context_turns", "context_turns=-2"),
+        ({"temperature": 9}, "temperature", "temperature=9"),
+        ({"script": None}, "script", "script"),
+    ],
+)
+def test_bad_dialogue_requests_are_400_naming_the_line_or_parameter(served, change, param, message):
+    url, _ = served
+    r = post(url, {"script": "0: Hello.\n1: Hi.", **change})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and message in err["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_the_api_key_guards_the_dialogue_route(served):
+    url, server = served
+    server.limits.api_key = "sekret"
+    try:
+        assert post(url, {"script": "0: Hi."}).status_code == 401
+        ok = post(
+            url, {"script": "0: Hi.", "response_format": "pcm"}, headers={"Authorization": "Bearer sekret"}
+        )
+        assert ok.status_code == 200 and len(ok.content) == 2 * 13 * SPF
+    finally:
+        server.limits.api_key = None
+
+
+def test_serve_passes_base_to_the_loader(tiny_ckpt, monkeypatch):
+    import elise.synthesis.runtime as runtime
+    from elise.config import compose
+    from elise.serve.app import Server
+
+    seen = []
+    real = runtime.load_model
+
+    def spy(path, map_location="cpu", base=None):
+        seen.append(base)
+        return real(path, map_location=map_location, base=None)
+
+    monkeypatch.setattr(runtime, "load_model", spy)
+    server = Server.from_config(compose("serve", [f"ckpt={tiny_ckpt}", "codec=tiny", "base=/some/base.ckpt"]))
+    server.close()
+    assert seen == ["/some/base.ckpt"]
