@@ -202,10 +202,11 @@ def _hub_file(repo: str, filename: str) -> Path:
     HF_HUB_CACHE and HF_HUB_OFFLINE are read here rather than at huggingface_hub's import, so a
     process (or test) that sets them later is honoured.
     """
-    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-    env = os.environ.get("HF_HUB_OFFLINE", "").upper()
-    offline = constants.HF_HUB_OFFLINE or env in {"1", "ON", "YES", "TRUE"}
+    from elise import hub
+
+    offline = hub.offline()
     cache_dir = os.environ.get("HF_HUB_CACHE")
     try:
         # the released Mimi file never changes: a cached copy is used without asking the hub
@@ -214,9 +215,7 @@ def _hub_file(repo: str, filename: str) -> Path:
         if offline:
             raise _unavailable(repo, filename, err, offline) from err
     try:
-        # one quick metadata call first: an unreachable hub fails here in well under a second,
-        # instead of after huggingface_hub's ~30 s of download retries
-        HfApi().model_info(repo, timeout=10)
+        hub.check(repo)  # an unreachable hub fails here, not after the download's retries
         return Path(hf_hub_download(repo, filename, cache_dir=cache_dir))
     except Exception as err:  # offline, 401/404, network errors: all mean "no weights from the hub"
         raise _unavailable(repo, filename, err, offline) from err

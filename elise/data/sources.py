@@ -217,16 +217,13 @@ def _row_loader(ds: Any, index: int, where: str) -> Callable[[], Path | bytes]:
 
 
 def _load_hub(name: str, split: str) -> Any:
-    import os
-
     from datasets import load_dataset
-    from huggingface_hub import HfApi
+
+    from elise import hub
 
     try:
-        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
-            # one quick metadata call first: an unreachable hub or a taken-down dataset (401/404)
-            # fails here in well under a second, instead of after datasets' ~30 s of retries
-            HfApi().dataset_info(name, timeout=10)
+        if not hub.offline():
+            hub.check(name, "dataset")  # unreachable or taken down (401/404): fails here, not after retries
         return load_dataset(name, split=split)
     except Exception as err:  # hub errors come as many types (HTTP, gated, not found, offline)
         reason = " ".join(str(err).split())[:200] or type(err).__name__

@@ -13,22 +13,24 @@ Backends:
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version
 from typing import Protocol
 
 import numpy as np
 
-from elise.data.audio import resample, to_mono, to_pcm16
+from elise.data.audio import to_pcm16
+from elise.evaluate.backends import RATE as ASR_RATE
+from elise.evaluate.backends import (
+    BackendUnavailable,
+    from_pretrained,
+    hub_or_offline,
+    package_version,
+    to_16k,
+)
 
 log = logging.getLogger("elise.evaluate")
 
 DEFAULT_WHISPER = "openai/whisper-large-v3"
-ASR_RATE = 16_000  # both backends take 16 kHz
 BACKENDS = ("auto", "whisper", "pocketsphinx")
-
-
-class BackendUnavailable(RuntimeError):
-    """A scoring backend's package or weights cannot be loaded."""
 
 
 class ASR(Protocol):
@@ -38,19 +40,6 @@ class ASR(Protocol):
     comparable: bool  # True: figures comparable with published (Seed-TTS-eval) ones
 
     def transcribe(self, audio: np.ndarray, sample_rate: int) -> str: ...
-
-
-def to_16k(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Any float array (mono or [samples, channels]) at any rate -> float32 mono 16 kHz in [-1, 1]."""
-    wav = to_mono(np.asarray(audio, dtype=np.float32))
-    return np.clip(resample(wav, sample_rate, ASR_RATE), -1.0, 1.0).astype(np.float32)
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "?"
 
 
 class Whisper:
@@ -63,16 +52,12 @@ class Whisper:
             raise BackendUnavailable(
                 f"asr=whisper needs transformers (pip install 'elise[eval]'): {err}"
             ) from err
-        try:
-            self.processor = WhisperProcessor.from_pretrained(model, local_files_only=local_only)
-            self.model = WhisperForConditionalGeneration.from_pretrained(model, local_files_only=local_only)
-        except (OSError, ValueError) as err:
-            raise BackendUnavailable(
-                f"cannot load Whisper model {model}: {' '.join(str(err).split())}"
-            ) from err
+        self.processor, self.model = from_pretrained(
+            "Whisper", model, local_only, WhisperProcessor, WhisperForConditionalGeneration
+        )
         self.model.eval().to(device)
         self.device = device
-        self.id = f"whisper:{model} (transformers {_version('transformers')})"
+        self.id = f"whisper:{model} (transformers {package_version('transformers')})"
         self.comparable = model == DEFAULT_WHISPER
         gen = self.model.generation_config
         # a multilingual checkpoint is told the language and task; English-only and test models are not
@@ -103,7 +88,7 @@ class PocketSphinx:
                 f"asr=pocketsphinx needs pocketsphinx (pip install 'elise[eval]'): {err}"
             ) from err
         self.decoder = Decoder(samprate=ASR_RATE, loglevel="FATAL")
-        self.id = f"pocketsphinx {_version('pocketsphinx')} (en-us)"
+        self.id = f"pocketsphinx {package_version('pocketsphinx')} (en-us)"
         self.comparable = False
 
     def transcribe(self, audio: np.ndarray, sample_rate: int) -> str:
@@ -124,16 +109,9 @@ def load_asr(backend: str = "auto", model: str | None = None, device: str = "cpu
         return Whisper(model or DEFAULT_WHISPER, device)
     if backend == "pocketsphinx":
         return PocketSphinx()
-    try:  # auto: the local cache first (no network wait), then the hub
-        return Whisper(model or DEFAULT_WHISPER, device, local_only=True)
-    except BackendUnavailable:
-        pass
-    try:
-        return Whisper(model or DEFAULT_WHISPER, device)
-    except BackendUnavailable as err:
-        log.warning(
-            "asr=auto: %s; using pocketsphinx (offline): its WER/CER are NOT comparable with published "
-            "(Whisper-large-v3) figures, only with other runs scored by it",
-            err,
-        )
-    return PocketSphinx()
+    model = model or DEFAULT_WHISPER
+    return hub_or_offline(
+        "asr", model, lambda local_only: Whisper(model, device, local_only), PocketSphinx,
+        "pocketsphinx's WER/CER are NOT comparable with published (Whisper-large-v3) figures, only with "
+        "other runs scored by it",
+    )  # fmt: skip

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from elise.evaluate.asr import BackendUnavailable, _version, to_16k
+from elise.evaluate.backends import BackendUnavailable, package_version, to_16k
 
 BACKENDS = ("auto", "dnsmos", "none")
 
@@ -40,7 +40,7 @@ class DNSMOS:
             ) from err
         models = Path(speechmos.__file__).parent / "dnsmos_models"
         self.model = Model(str(models / "sig_bak_ovr.onnx"), str(models / "model_v8.onnx"))
-        self.id = f"dnsmos p835 (speechmos {_version('speechmos')})"
+        self.id = f"dnsmos p835 (speechmos {package_version('speechmos')})"
 
     def score(self, audio: np.ndarray, sample_rate: int) -> dict[str, float]:
         wav = to_16k(audio, sample_rate)

@@ -141,7 +141,7 @@ def main(cfg: DictConfig) -> None:
     from elise.checkpoints import CheckpointError
     from elise.codec import CodecUnavailable
     from elise.errors import exit_with
-    from elise.evaluate.asr import BackendUnavailable
+    from elise.evaluate.backends import BackendUnavailable
     from elise.synthesis.errors import SynthesisError
 
     try:

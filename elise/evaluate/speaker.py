@@ -17,7 +17,13 @@ from typing import Protocol
 
 import numpy as np
 
-from elise.evaluate.asr import BackendUnavailable, _version, to_16k
+from elise.evaluate.backends import (
+    BackendUnavailable,
+    from_pretrained,
+    hub_or_offline,
+    package_version,
+    to_16k,
+)
 
 log = logging.getLogger("elise.evaluate")
 
@@ -49,16 +55,12 @@ class WavLM:
             raise BackendUnavailable(
                 f"sim=wavlm needs transformers (pip install 'elise[eval]'): {err}"
             ) from err
-        try:
-            self.extractor = AutoFeatureExtractor.from_pretrained(model, local_files_only=local_only)
-            self.model = WavLMForXVector.from_pretrained(model, local_files_only=local_only)
-        except (OSError, ValueError) as err:
-            raise BackendUnavailable(
-                f"cannot load WavLM model {model}: {' '.join(str(err).split())}"
-            ) from err
+        self.extractor, self.model = from_pretrained(
+            "WavLM", model, local_only, AutoFeatureExtractor, WavLMForXVector
+        )
         self.model.eval().to(device)
         self.device = device
-        self.id = f"wavlm:{model} (transformers {_version('transformers')})"
+        self.id = f"wavlm:{model} (transformers {package_version('transformers')})"
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         import torch
@@ -84,7 +86,7 @@ class Resemblyzer:
             ) from err
         self.encoder = VoiceEncoder(device=device, verbose=False)
         self.preprocess = preprocess_wav
-        self.id = f"resemblyzer {_version('resemblyzer')} (GE2E)"
+        self.id = f"resemblyzer {package_version('resemblyzer')} (GE2E)"
 
     def embed(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         wav = to_16k(audio, sample_rate)
@@ -104,13 +106,8 @@ def load_speaker_model(backend: str = "auto", model: str | None = None, device: 
         return WavLM(model or DEFAULT_WAVLM, device)
     if backend == "resemblyzer":
         return Resemblyzer(device)
-    try:
-        return WavLM(model or DEFAULT_WAVLM, device, local_only=True)
-    except BackendUnavailable:
-        pass
-    try:
-        return WavLM(model or DEFAULT_WAVLM, device)
-    except BackendUnavailable as err:
-        log.warning("sim=auto: %s; using resemblyzer (offline): its SIM is not comparable with published "
-                    "(WavLM) figures", err)  # fmt: skip
-    return Resemblyzer(device)
+    model = model or DEFAULT_WAVLM
+    return hub_or_offline(
+        "sim", model, lambda local_only: WavLM(model, device, local_only), lambda: Resemblyzer(device),
+        "resemblyzer's SIM is not comparable with published (WavLM) figures",
+    )  # fmt: skip

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from evalkit import sample_clips
 
-from elise.evaluate.asr import BackendUnavailable, PocketSphinx, Whisper, load_asr
+from elise.evaluate.asr import PocketSphinx, Whisper, load_asr
+from elise.evaluate.backends import BackendUnavailable
 from elise.evaluate.metrics import cer, wer
 
 

@@ -10,7 +10,7 @@ import pytest
 from evalkit import espeak, needs_espeak
 
 from elise.data.audio import read_audio
-from elise.evaluate.asr import BackendUnavailable
+from elise.evaluate.backends import BackendUnavailable
 from elise.evaluate.speaker import Resemblyzer, WavLM, load_speaker_model, similarity
 
 
