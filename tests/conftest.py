@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -41,6 +42,21 @@ def fast_overrides(code_cache: Path) -> list[str]:
         "callbacks.audio_samples.max_frames=4",
         "model=test",  # the tiny preset at a quarter width: small CPU steps and checkpoints
     ]
+
+
+@pytest.fixture(autouse=True)
+def _drop_root_log_handlers():
+    """A command run in-process (Hydra's job logging, synthesize.log) adds handlers to the root logger
+    bound to this test's captured stdout or tmp dir; a later test in the same worker would log into a
+    closed stream ("--- Logging error ---" on its stderr). Remove what the test added."""
+    root = logging.getLogger()
+    before, level = set(root.handlers), root.level
+    yield
+    for handler in [h for h in root.handlers if h not in before]:
+        if type(handler) in (logging.StreamHandler, logging.FileHandler):  # not pytest's capture handlers
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
 
 
 # ---- shared test data: a tone, an LJSpeech folder, a tiny model and its checkpoint ----------------
