@@ -353,36 +353,111 @@ def app(server: Server) -> FastAPI:
         body_bytes = b"".join([data async for data in audio()])
         return Response(body_bytes, media_type=media_type(fmt), headers=headers)
 
+    def dialogue_error(err: BaseException) -> ApiError:
+        """A conversation's failure as the response it gets (the speech endpoint's codes)."""
+        if isinstance(err, QueueFull):
+            server.metrics.requests.labels("rejected").inc()
+            return ApiError(503, str(err), code="queue_full", headers={"Retry-After": "2"})
+        server.metrics.requests.labels("error").inc()
+        if isinstance(err, TimeLimit):
+            return ApiError(504, str(err), code="time_limit")
+        if isinstance(err, SynthesisError):
+            return ApiError(400, str(err), "script")
+        return ApiError(500, f"generation failed: {err}")
+
+    def dialogue_done(t0: float, samples: int) -> None:
+        server.metrics.requests.labels("ok").inc()
+        server.metrics.audio_seconds.inc(samples / sr)
+        if samples:
+            server.metrics.rtf.observe((time.perf_counter() - t0) / (samples / sr))
+
     @api.post("/v1/audio/dialogue", dependencies=[auth])
-    async def dialogue(body: DialogueRequest) -> Response:
+    async def dialogue(body: DialogueRequest, request: Request) -> Response:
         """A conversation (elise extension): script turns in, the joined audio (+ timeline) out."""
         if not server.ready:
             raise ApiError(503, "the model is still loading", headers={"Retry-After": "5"})
         plan = conversation.check(server, body)
         t0 = time.perf_counter()
+        deadline = t0 + server.limits.time_limit_s
+        headers = {"x-elise-seed": str(plan.seed), "x-elise-sample-rate": str(sr)}
+        if body.stream_format is not None:
+            return await dialogue_stream(body, plan, request, deadline, headers)
         try:
-            conv = await asyncio.to_thread(conversation.run, server, plan, t0 + server.limits.time_limit_s)
-        except QueueFull as err:
-            server.metrics.requests.labels("rejected").inc()
-            raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": "2"}) from err
-        except TimeLimit as err:
-            server.metrics.requests.labels("error").inc()
-            raise ApiError(504, str(err), code="time_limit") from err
-        except SynthesisError as err:
-            server.metrics.requests.labels("error").inc()
-            raise ApiError(400, str(err), "script") from err
+            conv = await asyncio.to_thread(conversation.run, server, plan, deadline)
+        except (QueueFull, TimeLimit, SynthesisError) as err:
+            raise dialogue_error(err) from err
         wav = conv.audio(sr).numpy().astype(np.float32)
-        server.metrics.requests.labels("ok").inc()
-        server.metrics.audio_seconds.inc(wav.size / sr)
-        if wav.size:
-            server.metrics.rtf.observe((time.perf_counter() - t0) / (wav.size / sr))
-        headers = {"x-elise-seed": str(plan.seed), "x-elise-sample-rate": str(sr),
-                   "x-elise-turns": str(len(conv.turns))}  # fmt: skip
+        dialogue_done(t0, wav.size)
+        headers["x-elise-turns"] = str(len(conv.turns))
         if body.response_format == conversation.JSON:
             audio = base64.b64encode(encode(wav, sr, body.audio_format)).decode()
             return JSONResponse(conversation.body_json(plan, conv, audio, body.audio_format), headers=headers)
         return Response(encode(wav, sr, body.response_format), media_type=media_type(body.response_format),
                         headers=headers)  # fmt: skip
+
+    async def dialogue_stream(body: DialogueRequest, plan: conversation.Plan, request: Request, deadline: float,
+                              headers: dict[str, str]) -> Response:  # fmt: skip
+        """The conversation's audio as it is made (turn by turn, pauses included); ``sse`` adds a
+        ``dialogue.turn`` event after each turn and ``dialogue.done`` with the timeline."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+        def work() -> None:
+            try:
+                put(
+                    conversation.run(server, plan, deadline, lambda _c, a: put(a), lambda _c, t: put(t), stop)
+                )
+            except BaseException as err:  # handed to the response
+                put(err)
+
+        async def next_event() -> object:
+            while True:
+                try:
+                    return await asyncio.wait_for(q.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        stop.set()
+                        return ClientGone("the client disconnected")
+
+        t0 = time.perf_counter()
+        threading.Thread(target=work, name="elise-dialogue", daemon=True).start()
+        first = await next_event()
+        if isinstance(first, BaseException):
+            stop.set()
+            raise dialogue_error(first)
+        sse = body.stream_format == "sse"
+
+        async def events() -> AsyncIterator[bytes]:
+            enc, item, samples = StreamEncoder(body.response_format, sr), first, 0
+            try:
+                while not isinstance(item, conversation.Conversation):
+                    if isinstance(item, BaseException):
+                        log.warning("conversation stopped: %s", item)
+                        return
+                    if isinstance(item, torch.Tensor):
+                        samples += item.numel()
+                        data = enc.write(item.numpy().astype(np.float32))
+                        if data:
+                            yield conversation.sse_audio(data) if sse else data
+                    elif sse and isinstance(item, conversation.TurnResult):
+                        yield conversation.sse({"type": "dialogue.turn", "turn": item.timeline()})
+                    item = await next_event()
+                tail = enc.close()
+                if tail:
+                    yield conversation.sse_audio(tail) if sse else tail
+                dialogue_done(t0, samples)
+                if sse:
+                    yield conversation.sse({"type": "dialogue.done", "seed": plan.seed,
+                                            "timeline": conversation.timeline_of(plan, item)})  # fmt: skip
+            finally:
+                stop.set()  # a no-op once done; stops the conversation if the client left
+
+        media = "text/event-stream" if sse else media_type(body.response_format)
+        return StreamingResponse(events(), media_type=media, headers=headers)
 
     def finish(job: Job, ok: bool) -> None:
         m = server.metrics

@@ -10,7 +10,11 @@ state included), a turn shares the batch with other requests, and the queue and 
 
 from __future__ import annotations
 
+import base64
+import json
 import queue
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,10 +23,20 @@ from pydantic import BaseModel
 
 from elise.generate import SamplingConfig
 from elise.serve.batcher import DONE, Job
-from elise.serve.formats import FORMATS
+from elise.serve.formats import FORMATS, STREAMING
 from elise.serve.voices import VoiceError
 from elise.synthesis import SynthesisError, Synthesizer
-from elise.synthesis.dialogue import Conversation, Generate, Script, Voice, converse, parse_script, timeline
+from elise.synthesis.dialogue import (
+    Conversation,
+    Generate,
+    OnAudio,
+    Script,
+    TurnResult,
+    Voice,
+    converse,
+    parse_script,
+    timeline,
+)
 from elise.synthesis.engine import OnChunk, Request, Result
 
 JSON = "json"  # response_format: {"audio": base64 <audio_format>, "timeline": ...}
@@ -42,6 +56,7 @@ class DialogueRequest(BaseModel):
     top_k: int | None = None
     pause_ms: float | None = None
     context_turns: int | None = None
+    stream_format: str | None = None  # audio: bytes as made (wav, pcm); sse: audio deltas + turn events
 
 
 @dataclass
@@ -70,6 +85,12 @@ def check(server: Any, body: DialogueRequest) -> Plan:
         raise ApiError(
             400, f"audio_format={body.audio_format!r}: use one of {', '.join(FORMATS)}", "audio_format"
         )
+    if body.stream_format not in (None, "audio", "sse"):
+        raise ApiError(400, f"stream_format={body.stream_format!r}: use audio or sse (or leave it out)",
+                       "stream_format")  # fmt: skip
+    if body.stream_format is not None and body.response_format not in STREAMING:
+        raise ApiError(400, f"stream_format={body.stream_format} streams {' or '.join(STREAMING)}, not "
+                       f"response_format={body.response_format}", "response_format")  # fmt: skip
     s = server.synth.settings
     pause = s.pause_ms if body.pause_ms is None else float(body.pause_ms)
     if not 0 <= pause <= MAX_PAUSE_MS:
@@ -116,8 +137,24 @@ def resolve(server: Any, script: Script, names: dict[str, str]) -> dict[str, Voi
     return out
 
 
-def worker(server: Any, sampling: SamplingConfig, deadline: float) -> Generate:
-    """``converse``'s ``generate``: each request becomes a model-worker job; waits for their audio."""
+class Stopped(RuntimeError):
+    """The conversation was stopped (its client left)."""
+
+
+def worker(
+    server: Any, sampling: SamplingConfig, deadline: float, stop: threading.Event | None = None
+) -> Generate:
+    """``converse``'s ``generate``: each request becomes a model-worker job; waits for their audio
+    (``stop`` set: cancels them and raises Stopped)."""
+
+    def get(q: queue.Queue) -> Any:
+        while True:
+            if stop is not None and stop.is_set():
+                raise Stopped("the conversation was stopped")
+            try:
+                return q.get(timeout=0.5)
+            except queue.Empty:
+                pass
 
     def generate(requests: list[Request], on_chunk: OnChunk | None) -> list[Result]:
         waits = []
@@ -132,7 +169,7 @@ def worker(server: Any, sampling: SamplingConfig, deadline: float) -> Generate:
         try:
             for i, (job, q) in enumerate(waits):
                 chunks = []
-                while (item := q.get()) is not DONE:
+                while (item := get(q)) is not DONE:
                     if isinstance(item, BaseException):
                         raise item
                     chunks.append(item)
@@ -149,16 +186,30 @@ def worker(server: Any, sampling: SamplingConfig, deadline: float) -> Generate:
     return generate
 
 
-def run(server: Any, plan: Plan, deadline: float) -> Conversation:
-    """Generate the conversation (blocking: call it off the event loop)."""
-    return converse(plan.planner, [plan.script], plan.voices, plan.context_turns,
-                    generate=worker(server, plan.sampling, deadline))[0]  # fmt: skip
+def run(server: Any, plan: Plan, deadline: float, on_audio: OnAudio | None = None,
+        on_turn: Callable[[int, TurnResult], None] | None = None, stop: threading.Event | None = None) -> Conversation:  # fmt: skip
+    """Generate the conversation (blocking: call it off the event loop); with ``on_audio`` streamed
+    (the joined audio chunk by chunk, pauses included) and ``on_turn`` after each turn."""
+    return converse(plan.planner, [plan.script], plan.voices, plan.context_turns, on_audio is not None,
+                    on_audio, on_turn, generate=worker(server, plan.sampling, deadline, stop))[0]  # fmt: skip
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def sse_audio(data: bytes) -> bytes:
+    return sse({"type": "dialogue.audio.delta", "audio": base64.b64encode(data).decode()})
 
 
 def body_json(plan: Plan, conv: Conversation, audio: str, audio_format: str) -> dict[str, Any]:
     """The ``response_format=json`` body: base64 audio and the timeline."""
-    sr = plan.planner.sample_rate
     return {
-        "object": "audio.dialogue", "audio": audio, "audio_format": audio_format, "sample_rate": sr,
-        "seed": plan.seed, "timeline": timeline(plan.script, conv.turns, sr, plan.planner.settings.pause_ms),
+        "object": "audio.dialogue", "audio": audio, "audio_format": audio_format,
+        "sample_rate": plan.planner.sample_rate, "seed": plan.seed, "timeline": timeline_of(plan, conv),
     }  # fmt: skip
+
+
+def timeline_of(plan: Plan, conv: Conversation) -> dict[str, Any]:
+    """``synthesize.py``'s timeline.json of the conversation."""
+    return timeline(plan.script, conv.turns, plan.planner.sample_rate, plan.planner.settings.pause_ms)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import threading
+import time
 from dataclasses import replace
 
 import httpx
@@ -65,6 +68,47 @@ def test_the_same_seed_gives_the_same_bytes_and_the_engines_conversation(served)
     assert np.abs(served_audio - expected).max() <= 1.5 / 32767  # pcm16 rounding only
 
 
+def test_streamed_conversations_equal_the_whole_and_sse_carries_the_timeline(served):
+    url, _ = served
+    body = {"script": SCRIPT, "seed": 21, "response_format": "pcm"}
+    whole = post(url, body)
+    with httpx.stream(
+        "POST", f"{url}/v1/audio/dialogue", json={**body, "stream_format": "audio"}, timeout=120
+    ) as r:
+        assert r.status_code == 200 and r.headers["x-elise-seed"] == "21"
+        parts = list(r.iter_bytes())
+    assert len(parts) > 3 and b"".join(parts) == whole.content  # turn by turn, the same audio
+    r = post(url, {**body, "stream_format": "sse"})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[-1] == "dialogue.done" and kinds.count("dialogue.turn") == 3
+    audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "dialogue.audio.delta")
+    assert audio == whole.content
+    turns = [e["turn"] for e in events if e["type"] == "dialogue.turn"]
+    assert turns == events[-1]["timeline"]["turns"] and [t["turn"] for t in turns] == [1, 2, 3]
+    # each turn event follows that turn's audio: the audio before it reaches the turn's end
+    before = [sum(len(base64.b64decode(e["audio"])) for e in events[:i] if e["type"] == "dialogue.audio.delta")
+              for i, e in enumerate(events) if e["type"] == "dialogue.turn"]  # fmt: skip
+    assert before == [2 * round(t["end"] * SR) for t in turns]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_client_that_leaves_a_streamed_conversation_stops_it(served):
+    url, server = served
+    script = "\n".join(f"{i % 2}: Turn number {i} of a long talk." for i in range(12))
+    body = {"script": script, "seed": 2, "response_format": "pcm", "stream_format": "audio"}
+    steps = server.batcher.steps
+    with httpx.stream("POST", f"{url}/v1/audio/dialogue", json=body, timeout=120) as r:
+        next(r.iter_bytes())  # the first audio, then the client goes away
+    left = time.time()
+    while any(t.name == "elise-dialogue" for t in threading.enumerate()) or server.batcher.active():
+        assert time.time() < left + 60, "the conversation kept running after its client left"
+        time.sleep(0.05)
+    # 12 turns of 13 frames = 156 worker steps when nobody leaves (~5 s here); it stops within a turn or two
+    assert server.batcher.steps - steps < 40
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_server_voices_speak_the_turns(served, tmp_path):
     from testkit import tone
 
@@ -106,6 +150,13 @@ def test_server_voices_speak_the_turns(served, tmp_path):
         ({"pause_ms": -1}, "pause_ms", "pause_ms=-1"),
         ({"context_turns": -2}, "context_turns", "context_turns=-2"),
         ({"temperature": 9}, "temperature", "temperature=9"),
+        ({"stream_format": "chunks"}, "stream_format", "stream_format='chunks'"),
+        ({"stream_format": "sse", "response_format": "mp3"}, "response_format", "not response_format=mp3"),
+        (
+            {"stream_format": "audio", "response_format": "json"},
+            "response_format",
+            "not response_format=json",
+        ),
         ({"script": None}, "script", "script"),
     ],
 )
