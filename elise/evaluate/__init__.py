@@ -2,7 +2,8 @@
 match (speaker-embedding similarity), naturalness (a MOS predictor), stopping and speed.
 
 Python entries: ``elise.evaluate.evaluate_checkpoint`` (synthesize and score, returns the eval_report
-dict), ``elise.evaluate.asr.load_asr`` and ``elise.evaluate.speaker.load_speaker_model``.
+dict), ``elise.evaluate.evaluate_dialogue`` (the same for conversation scripts, every turn scored),
+``elise.evaluate.asr.load_asr`` and ``elise.evaluate.speaker.load_speaker_model``.
 """
 
 from typing import Any
@@ -13,4 +14,8 @@ def __getattr__(name: str) -> Any:
         from elise.evaluate.synth import evaluate_checkpoint
 
         return evaluate_checkpoint
+    if name == "evaluate_dialogue":
+        from elise.evaluate.dialogue import evaluate_dialogue
+
+        return evaluate_dialogue
     raise AttributeError(f"module 'elise.evaluate' has no attribute {name!r}")

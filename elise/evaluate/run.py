@@ -104,6 +104,8 @@ def run_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     from elise.synthesis.runtime import resolve_device
     from elise.synthesize import settings_from
 
+    if cfg.get("dialogue") is not None or cfg.get("dialogue_file"):
+        return run_dialogue(cfg)
     lines = read_eval_set(str(cfg.eval_set), cfg.limit, _list(cfg.kinds) or None)
     if not lines:
         raise ValueError(f"eval_set={cfg.eval_set}: no lines to synthesize (kinds={cfg.kinds})")
@@ -121,10 +123,49 @@ def run_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     report = evaluate_checkpoint(
         str(cfg.ckpt), lines, out, reference_audio, reference_text, speaker_ref, codec=codec, device=device,
         dtype=str(cfg.dtype), scorer=scorer, reference_max_seconds=float(cfg.reference_max_seconds),
-        progress=bool(cfg.progress), **{k: v for k, v in vars(settings).items() if k != "bound"}, length=settings.bound,
+        progress=bool(cfg.progress), base=cfg.get("base"), **{k: v for k, v in vars(settings).items() if k != "bound"},
+        length=settings.bound,
     )  # fmt: skip
     print(summary_table(report["summary"]))
     print(f"report: {out / 'eval_report.md'}")
+    return report
+
+
+def run_dialogue(cfg: DictConfig) -> dict[str, Any]:
+    """``ckpt=`` with ``dialogue=``/``dialogue_file=``: the conversations in place of the evaluation set."""
+    from elise.evaluate.dialogue import evaluate_dialogue
+    from elise.synthesis.dialogue import read_scripts
+    from elise.synthesis.runtime import resolve_device
+    from elise.synthesize import settings_from
+
+    if cfg.reference_audio or cfg.reference_text is not None:
+        raise ValueError(
+            "reference_audio is for the evaluation set; give the speakers voices={name: {audio, text}}"
+        )
+    if cfg.context_turns is not None and int(cfg.context_turns) < 0:
+        raise ValueError(f"context_turns={cfg.context_turns}: use 0 or more (null: as many as fit)")
+    scripts = read_scripts(cfg.dialogue, cfg.dialogue_file)
+    settings = settings_from(cfg)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    device = str(resolve_device(cfg.device))
+    speaker_ref = speaker_clips(cfg.speaker_ref) or None
+    node = cfg.voices
+    voices = to_dict(node) if isinstance(node, DictConfig) else node
+    scorer = scorer_from(cfg, device)
+    out = out_dir(cfg)
+    codec_node = cfg.get("codec")
+    codec = to_dict(codec_node) if isinstance(codec_node, DictConfig) else codec_node
+    report = evaluate_dialogue(
+        str(cfg.ckpt), scripts, out, voices, speaker_ref, codec=codec, device=device, dtype=str(cfg.dtype),
+        base=cfg.get("base"), context_turns=None if cfg.context_turns is None else int(cfg.context_turns),
+        reference_max_seconds=float(cfg.reference_max_seconds), scorer=scorer,
+        **{k: v for k, v in vars(settings).items() if k != "bound"}, length=settings.bound,
+    )  # fmt: skip
+    print(summary_table(report["summary"]))
+    print(
+        f"report: {out / 'eval_report.md'} ({len(report['items'])} turns of {len(scripts)} conversation(s))"
+    )
     return report
 
 

@@ -81,6 +81,8 @@ class Scorer:
         seconds = item.audio.size / RATE
         row: dict[str, Any] = {"id": item.id, "kind": item.kind, "text": item.text, "wav": item.wav,
                                "reference": item.reference, "voice": item.voice, "seconds": round(seconds, 3)}  # fmt: skip
+        if item.conversation is not None:
+            row.update(conversation=item.conversation, turn=item.turn)
         if self.asr is not None:
             transcript = self.asr.transcribe(item.audio, RATE)
             row["transcript"] = transcript

@@ -47,6 +47,8 @@ class Item:
     eos: bool | None = None  # ended by the model's end-of-speech frame (None: not synthesized here)
     rtf: float | None = None
     voice: int | None = None  # index of the reference voice it was made with
+    conversation: str | None = None  # a conversation's turn (dialogue mode): the script's name
+    turn: int | None = None  # and the turn's number (1-based)
 
 
 @dataclass

@@ -59,6 +59,18 @@ def synthesize_lines(synth: Synthesizer, lines: Sequence[Line], out: Path, voice
     return items
 
 
+def settings_of(synth_settings: dict[str, Any]) -> Settings:
+    """``Settings`` from its fields; ``length`` may be a ``LengthBound`` or a dict of its fields."""
+    fields = dict(synth_settings)
+    length = fields.pop("length", None)
+    settings = Settings(**fields)
+    if isinstance(length, LengthBound):
+        settings.bound = length
+    elif length:
+        settings.bound = LengthBound(**dict(length))
+    return settings
+
+
 def evaluate_checkpoint(
     ckpt: str,
     texts: Sequence[str] | Sequence[Line],
@@ -79,11 +91,13 @@ def evaluate_checkpoint(
     reference_max_seconds: float = 30.0,
     scorer: Scorer | None = None,
     progress: bool = True,
+    base: str | None = None,
     **synth_settings: Any,
 ) -> dict[str, Any]:
     """Synthesize ``texts`` with checkpoint ``ckpt`` into ``out/wavs``, score them, write the reports in
     ``out``; returns the eval_report dict. ``synth_settings`` are ``Settings`` fields (temperature, top_k,
-    seed, batch_size, speaker, ...); ``length`` may be a ``LengthBound`` or a dict of its fields."""
+    seed, batch_size, speaker, ...); ``length`` may be a ``LengthBound`` or a dict of its fields.
+    ``base``: a LoRA checkpoint's base weights (None: the path it records)."""
     out = Path(out)
     lines = [t if isinstance(t, Line) else Line(f"{i + 1:04d}", str(t)) for i, t in enumerate(texts)]
     voice_list = voices(reference_audio, reference_text)
@@ -91,14 +105,9 @@ def evaluate_checkpoint(
         from elise.evaluate.score import METRICS
 
         scorer = Scorer(metrics or METRICS, asr, asr_model, sim, sim_model, mos, device)
-    length = synth_settings.pop("length", None)
-    settings = Settings(**synth_settings)
-    if isinstance(length, LengthBound):
-        settings.bound = length
-    elif length:
-        settings.bound = LengthBound(**dict(length))
+    settings = settings_of(synth_settings)
     t0 = time.perf_counter()
-    synth = Synthesizer.load(ckpt, codec, device, dtype, settings=settings)
+    synth = Synthesizer.load(ckpt, codec, device, dtype, settings=settings, base=base)
     load_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     items = synthesize_lines(synth, lines, out, voice_list, reference_max_seconds, progress)
