@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -83,7 +84,47 @@ class StepCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-class AudioSamples(Callback):
+class EveryNValidations(Callback):
+    """Base of the callbacks that synthesize with the model in training every ``every_n_val``
+    validations (``AudioSamples``, ``elise.evaluate.callback.EvalCallback``): on global rank 0 only,
+    on the unwrapped model (no collectives: other ranks wait at the next gradient sync), never under
+    FSDP, where no rank holds the whole model; one codec, built at the first use."""
+
+    def __init__(self, codec: Mapping[str, Any], every_n_val: int, num_sentences: int):
+        self.codec_cfg = dict(codec)
+        self.every_n_val, self.num_sentences = int(every_n_val), int(num_sentences)
+        self._codec: Codec | None = None
+        self._runs = 0
+
+    def due(self, trainer: pl.Trainer) -> bool:
+        """Counts this validation; True when this rank synthesizes now."""
+        if trainer.sanity_checking or self.num_sentences <= 0:
+            return False
+        self._runs += 1
+        if self._runs % max(self.every_n_val, 1) or not trainer.is_global_zero:
+            return False
+        return "FSDP" not in type(trainer.strategy).__name__
+
+    def codec(self, device: torch.device) -> Codec:
+        if self._codec is None:
+            from elise.codec import build_codec
+
+            self._codec = build_codec(**self.codec_cfg).eval()
+        return self._codec.to(device)
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside, its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class AudioSamples(EveryNValidations):
     """Every ``every_n_val`` validation runs, synthesize the first ``num_sentences`` validation
     sentences with the synthesis engine at the settings users get from ``synthesize.py`` (sampled,
     EOS-ended, at most ``max_frames``), and write ``<run dir>/samples/step<N>_<i>.wav`` (24 kHz);
@@ -103,23 +144,15 @@ class AudioSamples(Callback):
         top_k: int | None = None,
         seed: int = 0,
     ):
-        self.codec_cfg = dict(codec)
-        self.every_n_val, self.num_sentences = int(every_n_val), int(num_sentences)
+        super().__init__(codec, every_n_val, num_sentences)
         self.settings = Settings(seed=int(seed), max_audio_seconds=int(max_frames) / FRAME_RATE)
         if temperature is not None:
             self.settings.temperature = float(temperature)
         if top_k is not None:
             self.settings.top_k = int(top_k)
-        self._codec: Codec | None = None
-        self._runs = 0
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.num_sentences <= 0:
-            return
-        self._runs += 1
-        if self._runs % max(self.every_n_val, 1) or not trainer.is_global_zero:
-            return
-        if "FSDP" in type(trainer.strategy).__name__:
+        if not self.due(trainer):
             return
         val_set = getattr(getattr(trainer, "datamodule", None), "val_set", None)
         examples = list(getattr(val_set, "examples", []) or [])[: self.num_sentences]
@@ -137,24 +170,13 @@ class AudioSamples(Callback):
                     caption=[e.text for e in examples],
                 )
 
-    def codec(self, device: torch.device) -> Codec:
-        if self._codec is None:
-            from elise.codec import build_codec
-
-            self._codec = build_codec(**self.codec_cfg).eval()
-        return self._codec.to(device)
-
     def write_samples(self, model: CSM, examples: list, run_dir: Path, step: int) -> list[Path]:
         """Synthesize and write one wav per example; returns the paths."""
         device = next(model.parameters()).device
         synth = Synthesizer(model, None, self.codec(device), self.settings)
         requests = [Request(e.text, prompt_ids=list(e.text_ids)) for e in examples]
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             results = synth.synthesize(requests)
-        finally:
-            model.train(was_training)
         out_dir = run_dir / "samples"
         paths = []
         for i, result in enumerate(results):

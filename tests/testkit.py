@@ -67,3 +67,18 @@ def save_tiny(path: Path, *, zero_norm: bool = False, codec: str | None = None) 
         hparams["codec"] = codec_identity(codec, conf_defaults(f"codec/{codec}"))
     torch.save({"state_dict": state, "hyper_parameters": hparams}, path)
     return path
+
+
+def sigterm_at(step: int):
+    """A Lightning callback that sends this process SIGTERM after training step ``step`` (preemption)."""
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+
+    class SigtermAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return SigtermAt()

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from elise.model.kernels import cpu_name
+
 RESULTS = Path("outputs/bench/bench_results.json")
 
 
@@ -99,20 +101,10 @@ class PeakRSS:
         self.peak_bytes = self.top - self.base
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info() -> dict[str, Any]:
     """The facts a reader needs to compare figures: CPU, cores, threads, library versions, load, date."""
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

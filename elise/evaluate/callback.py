@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from elise.callbacks import EveryNValidations, evaluating
 from elise.evaluate.report import write_report
 from elise.evaluate.score import Scorer
 from elise.evaluate.sources import read_eval_set
@@ -29,7 +29,7 @@ LOGGED = {"wer": "eval/wer", "cer": "eval/cer", "sim": "eval/sim", "mos": "eval/
           "duration_ratio": "eval/duration_ratio"}  # fmt: skip
 
 
-class EvalCallback(Callback):
+class EvalCallback(EveryNValidations):
     """Intelligibility, voice match and stopping of the model in training, on ``num_sentences`` lines."""
 
     def __init__(self, codec: Mapping[str, Any], every_n_val: int = 5, num_sentences: int = 4,
@@ -37,8 +37,7 @@ class EvalCallback(Callback):
                  asr: str = "auto", asr_model: str | None = None, sim: str = "auto", sim_model: str | None = None,
                  mos: str = "none", speaker_ref: Sequence[str] | str | None = None, max_audio_seconds: float = 10.0,
                  seed: int = 0):  # fmt: skip
-        self.codec_cfg = dict(codec)
-        self.every_n_val, self.num_sentences = int(every_n_val), int(num_sentences)
+        super().__init__(codec, every_n_val, num_sentences)
         self.eval_set = str(eval_set)
         self.speaker_ref = [str(speaker_ref)] if isinstance(speaker_ref, str) else list(speaker_ref or [])
         wanted = [
@@ -47,8 +46,6 @@ class EvalCallback(Callback):
         self.scorer_args = (wanted, asr, asr_model, sim, sim_model, mos)
         self.settings = Settings(seed=int(seed), max_audio_seconds=float(max_audio_seconds))
         self._scorer: Scorer | None = None
-        self._codec: Any = None
-        self._runs = 0
 
     def scorer(self) -> Scorer:
         if self._scorer is None:
@@ -56,12 +53,7 @@ class EvalCallback(Callback):
         return self._scorer
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.num_sentences <= 0:
-            return
-        self._runs += 1
-        if self._runs % max(self.every_n_val, 1) or not trainer.is_global_zero:
-            return
-        if "FSDP" in type(trainer.strategy).__name__:
+        if not self.due(trainer):
             return
         step = trainer.global_step
         report = self.evaluate(pl_module, Path(trainer.default_root_dir) / "eval" / f"step{step:07d}")
@@ -78,22 +70,15 @@ class EvalCallback(Callback):
     def evaluate(self, pl_module: pl.LightningModule, out: Path) -> dict[str, Any]:
         """Synthesize and score the first ``num_sentences`` lines with the module's model; returns the report."""
         from elise.checkpoints import tokenizer_from_checkpoint
-        from elise.codec import build_codec
 
         model = cast(Any, pl_module).model
         device = next(model.parameters()).device
-        if self._codec is None:
-            self._codec = build_codec(**self.codec_cfg).eval()
         tokenizer = tokenizer_from_checkpoint({"elise_tokenizer_json": getattr(pl_module, "tokenizer_json", None),
                                                "hyper_parameters": dict(pl_module.hparams)})  # fmt: skip
-        synth = Synthesizer(model, tokenizer, self._codec.to(device), self.settings)
+        synth = Synthesizer(model, tokenizer, self.codec(device), self.settings)
         lines = read_eval_set(self.eval_set, self.num_sentences)
-        was_training = model.training
-        model.eval()
-        try:
+        with evaluating(model):
             items = synthesize_lines(synth, lines, out, [(None, None)], 30.0, progress=False)
-        finally:
-            model.train(was_training)
         report = self.scorer().score(items, self.speaker_ref or None)
         write_report(report, out)
         return report

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
+from testkit import sigterm_at
 
 from elise.checkpoints import CheckpointError, load_model, read_checkpoint, weights_sha256
 from elise.config import compose
@@ -146,20 +145,11 @@ def test_a_different_or_missing_base_is_a_one_line_error(voice_run, tmp_path):
     assert load_model(path, base=tmp_path / "copy.ckpt").meta["lora"]["base"] == str(tmp_path / "copy.ckpt")
 
 
-class SigtermAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_sigterm_saves_adapters_and_resuming_reproduces_the_run(voice_run):
     tmp, _, overrides, _ = voice_run
     run_dir = tmp / "sigterm"
     with pytest.raises(SystemExit) as exit_info:
-        run(run_dir, overrides, [SigtermAt(3)])
+        run(run_dir, overrides, [sigterm_at(3)])
     assert exit_info.value.code == 143
     saved = read_checkpoint(run_dir / "checkpoints" / "sigterm-step0000003.ckpt")
     assert all(is_lora_key(k) for k in saved["state_dict"]) and saved["optimizer_states"]

@@ -4,14 +4,13 @@ checkpoints, exact resume, SIGTERM, init_from/freeze, bf16 master weights, one-l
 from __future__ import annotations
 
 import csv
-import os
-import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from omegaconf import OmegaConf
+from testkit import sigterm_at
 
 from elise.config import compose
 from elise.report import main as report_main
@@ -117,20 +116,11 @@ def test_resume_from_step_n_reproduces_steps_n_plus_1_to_2n(base_run, fast_overr
     }
 
 
-class SigtermAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def test_same_seed_same_losses_and_sigterm_saves_a_resumable_checkpoint(base_run, fast_overrides, tmp_path):
     base_dir = base_run[0]
     first = tmp_path / "first"
     with pytest.raises(SystemExit) as exit_info:
-        run(first, fast_overrides, BASE, callbacks=[SigtermAt(2)])
+        run(first, fast_overrides, BASE, callbacks=[sigterm_at(2)])
     assert exit_info.value.code == 143
     saved = first / "checkpoints" / "sigterm-step0000002.ckpt"
     assert saved.is_file()
