@@ -382,8 +382,19 @@ def app(server: Server) -> FastAPI:
         headers = {"x-elise-seed": str(plan.seed), "x-elise-sample-rate": str(sr)}
         if body.stream_format is not None:
             return await dialogue_stream(body, plan, request, deadline, headers)
+        stop = threading.Event()
+        task = asyncio.ensure_future(
+            asyncio.to_thread(conversation.run, server, plan, deadline, None, None, stop)
+        )
+        while not task.done():  # a client that leaves stops the conversation
+            await asyncio.wait({task}, timeout=0.5)
+            if not task.done() and await request.is_disconnected():
+                stop.set()
         try:
-            conv = await asyncio.to_thread(conversation.run, server, plan, deadline)
+            conv = task.result()
+        except conversation.Stopped as err:
+            server.metrics.requests.labels("cancelled").inc()
+            raise ApiError(499, str(err), code="client_closed") from err
         except (QueueFull, TimeLimit, SynthesisError) as err:
             raise dialogue_error(err) from err
         wav = conv.audio(sr).numpy().astype(np.float32)

@@ -109,6 +109,21 @@ def test_a_client_that_leaves_a_streamed_conversation_stops_it(served):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+def test_a_client_that_leaves_a_whole_conversation_stops_it(served):
+    url, server = served
+    script = "\n".join(f"{i % 2}: Turn number {i} of a long talk." for i in range(12))
+    steps = server.batcher.steps
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/audio/dialogue", json={"script": script, "response_format": "pcm"}, timeout=1.0)
+    left, seen = time.time(), -1
+    while seen != server.batcher.steps or server.batcher.active():  # until the worker is idle for 2 s
+        assert time.time() < left + 60, "the conversation kept running after its client left"
+        seen = server.batcher.steps
+        time.sleep(2.0)
+    assert server.batcher.steps - steps < 60  # 12 turns x 13 frames = 156 steps when nobody leaves
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
 def test_server_voices_speak_the_turns(served, tmp_path):
     from testkit import tone
 
