@@ -42,7 +42,7 @@ def slice_of(opts: dict) -> tuple[int, int]:
 def run(cfg: DictConfig) -> PreparedData:
     """Build the tokenizer and codec named by ``cfg`` and prepare ``cfg.data`` (this run's slice)."""
     tokenizer = build_tokenizer(cfg.get("tokenizer"))
-    opts = to_dict(cfg.get("prepare") or {})
+    opts = to_dict(cfg.prepare) if cfg.get("prepare") else {}
     shard, num_shards = slice_of(opts)
     if cfg.data.get("source") == "codes":
         from elise.data.codes import prepare_codes

@@ -53,7 +53,8 @@ _ALNUM = re.compile(r"[^\W_]")  # a letter or digit (str.isalnum)
 def codes_index_path(data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer) -> Path:
     """Where ``prepare_codes`` writes the index of this dataset (a hash of its settings)."""
     cfg = data_settings(data_cfg)
-    keys = ("path", "split", "streaming", "codes_column", "codes_layout", "min_seconds", "max_seconds")
+    keys: tuple[str, ...] = ("path", "split", "streaming", "codes_column", "codes_layout", "min_seconds")
+    keys += ("max_seconds",)
     keys += ("val_fraction", "val_count", "split_seed", "max_items")
     probe = encode_prompt(tokenizer, "Probe: the quick brown fox, 0123 \u00e9\u00df.", 0)
     spec = {k: cfg.get(k) for k in keys} | {"tok": probe}
@@ -270,7 +271,7 @@ class _IndexBuilder:
             return float(self.cfg["val_fraction"])
         scores = np.concatenate(
             [
-                [_unit_hash(f"{seed}:{x}") for x in self._ids(i, self._table(i))]
+                np.array([_unit_hash(f"{seed}:{x}") for x in self._ids(i, self._table(i))])
                 for i in range(len(self.files))
             ]
             or [np.zeros(0)]

@@ -111,6 +111,7 @@ class EliseDataModule(pl.LightningDataModule):
         cfg = self.data_cfg if self.data_cfg is not None else {}
         if cfg.get("source") != "codes" and _get(cfg, "store") != "shards":
             return False
+        path: Path | None
         if cfg.get("source") == "codes":
             from elise.data.codes import codes_index_path
 

@@ -56,7 +56,7 @@ class _IndexExamples(Sequence[Example]):
     """The clips of one split of a ``ClipIndex`` as ``Example`` records, built when accessed."""
 
     def __init__(self, index: ClipIndex, positions: np.ndarray, split: str):
-        self.index, self.positions, self.split = index, positions, split
+        self.clips, self.positions, self.split = index, positions, split
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -64,8 +64,8 @@ class _IndexExamples(Sequence[Example]):
     def __getitem__(self, i):  # type: ignore[override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        c = self.index.clip(int(self.positions[i]))
-        fmt = f"{self.index.meta['column']}:{self.index.meta['layout']}"
+        c = self.clips.clip(int(self.positions[i]))
+        fmt = f"{self.clips.meta['column']}:{self.clips.meta['layout']}"
         return Example(
             c["id"], c["text"], c["speaker"], c["text_ids"], c["codes_path"], c["frames"], self.split,
             c["group"], c["row"], fmt,

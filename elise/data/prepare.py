@@ -126,7 +126,8 @@ def prepare(
             return PreparedData([], {"slice": shard, "num_shards": num_shards}, cache.root)
     else:
         parts = [part]
-    return _finish(cfg, parts, codec, cache, name, run.strict, time.perf_counter() - start, progress)
+    secs = time.perf_counter() - start
+    return _finish(cfg, parts, codec, cache, speakers, name, run.strict, secs, progress)
 
 
 def open_store(cfg: dict, codec_identity: str, settings: str, writer: str = "w0") -> CodeCache:
@@ -184,6 +185,7 @@ def _finish(
     parts: list[dict],
     codec: Codec,
     cache: CodeCache,
+    speakers: dict[str, int],
     name: str,
     strict: bool,
     secs: float,
@@ -216,7 +218,9 @@ def _finish(
             text=r["text"],
             speaker=r["speaker"],
             text_ids=r["text_ids"],
-            codes_path=str(cache.dir / r["file"]) if shards else str(cache.path(r["key"])),
+            codes_path=str(cache.dir / r["file"])
+            if isinstance(cache, ShardStore)
+            else str(cache.path(r["key"])),
             frames=r["frames"],
             split=splits[r["id"]],
             group=r["group"],
@@ -225,7 +229,7 @@ def _finish(
         for r in kept
     ]
     counts = {k: sum(p[k] for p in parts) for k in ("encoded", "cached")}
-    report = _report(cfg, kept, skipped, examples, counts, cache.speakers, codec, cache, secs)
+    report = _report(cfg, kept, skipped, examples, counts, speakers, codec, cache, secs)
     if shards:
         files = sorted({r["file"] for r in kept})
         number = {f: i for i, f in enumerate(files)}
@@ -255,7 +259,6 @@ class _Run:
     ):
         self.cfg, self.codec, self.tokenizer, self.cache, self.strict = cfg, codec, tokenizer, cache, strict
         self.speakers: dict[str, int] = speakers
-        cache.speakers = speakers  # type: ignore[attr-defined]
         self.records: list[dict[str, Any]] = []
         self.frames: dict[str, int] = {}  # cache key -> frames, for cached and newly encoded clips
         self.pending: dict[str, np.ndarray] = {}  # cache key -> wav [N], waiting for a batch
@@ -275,9 +278,9 @@ class _Run:
             need = [b for b in begun if b is not None and b["job"] is not None]
             for b, result in zip(need, decode([b["job"] for b in need]), strict=True):
                 b["decoded"] = result
-            for b in begun:
-                if b is not None:
-                    self._guard(b["n"], b["item"], self._end, b)
+            for begin in begun:
+                if begin is not None:
+                    self._guard(begin["n"], begin["item"], self._end, begin)
             bad = [r for r in self.records[first:] if "reason" in r]
             if self.strict and bad:  # the first bad item in item order, not in check order
                 _raise_bad(min(bad, key=lambda r: r["n"]))
@@ -352,6 +355,7 @@ class _Run:
                 self._check(info)
         key = self.cache.key(info.sha)
         if self._cached(key) is None and key not in self.pending:
+            assert wav is not None, "codes not cached, so the job decoded the audio"
             self.pending[key] = wav  # decoded: codes not cached when the job was made
         item = b["item"]
         self.records.append(

@@ -109,9 +109,16 @@ def load_asr(backend: str = "auto", model: str | None = None, device: str = "cpu
         return Whisper(model or DEFAULT_WHISPER, device)
     if backend == "pocketsphinx":
         return PocketSphinx()
-    model = model or DEFAULT_WHISPER
+    name = model or DEFAULT_WHISPER
+
+    def whisper(local_only: bool) -> ASR:
+        return Whisper(name, device, local_only)
+
+    def offline() -> ASR:
+        return PocketSphinx()
+
     return hub_or_offline(
-        "asr", model, lambda local_only: Whisper(model, device, local_only), PocketSphinx,
+        "asr", name, whisper, offline,
         "pocketsphinx's WER/CER are NOT comparable with published (Whisper-large-v3) figures, only with "
         "other runs scored by it",
     )  # fmt: skip

@@ -106,8 +106,15 @@ def load_speaker_model(backend: str = "auto", model: str | None = None, device: 
         return WavLM(model or DEFAULT_WAVLM, device)
     if backend == "resemblyzer":
         return Resemblyzer(device)
-    model = model or DEFAULT_WAVLM
+    name = model or DEFAULT_WAVLM
+
+    def wavlm(local_only: bool) -> SpeakerModel:
+        return WavLM(name, device, local_only)
+
+    def offline() -> SpeakerModel:
+        return Resemblyzer(device)
+
     return hub_or_offline(
-        "sim", model, lambda local_only: WavLM(model, device, local_only), lambda: Resemblyzer(device),
+        "sim", name, wavlm, offline,
         "resemblyzer's SIM is not comparable with published (WavLM) figures",
     )  # fmt: skip

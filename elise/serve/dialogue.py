@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from elise.generate import SamplingConfig
 from elise.serve.batcher import DONE, Job
+from elise.serve.errors import ApiError
 from elise.serve.formats import FORMATS, STREAMING
 from elise.serve.voices import VoiceError
 from elise.synthesis import SynthesisError, Synthesizer
@@ -73,8 +74,6 @@ class Plan:
 
 def check(server: Any, body: DialogueRequest) -> Plan:
     """A dialogue request -> its Plan; ApiError 400 naming the parameter (or the script line) when bad."""
-    from elise.serve.app import ApiError
-
     if len(body.script) > server.limits.max_input_chars:
         raise ApiError(400, f"script has {len(body.script)} characters; the limit is "
                        f"{server.limits.max_input_chars}", "script", "input_too_long")  # fmt: skip
@@ -113,8 +112,6 @@ def check(server: Any, body: DialogueRequest) -> Plan:
 def resolve(server: Any, script: Script, names: dict[str, str]) -> dict[str, Voice]:
     """Every script speaker -> a Voice: ``names[speaker]`` (a server voice), else the speaker itself as a
     voice name (an uploaded voice, ``default``, a checkpoint speaker name) or speaker id."""
-    from elise.serve.app import ApiError
-
     speakers = {t.speaker: t.line for t in reversed(script.turns)}  # speaker -> its first line
     extra = sorted(set(names) - set(speakers))
     if extra:
