@@ -87,10 +87,7 @@ def run_audio(cfg: DictConfig) -> dict[str, Any]:
     out = out_dir(cfg)
     device = "cuda" if str(cfg.device) in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     scorer = scorer_from(cfg, device)
-    from tqdm import tqdm
-
-    with tqdm(total=len(items), desc="score", unit="utt", disable=not cfg.progress) as bar:
-        report = scorer.score(items, speaker_clips(cfg.speaker_ref) or None, on_item=lambda _i: bar.update())
+    report = scorer.score(items, speaker_clips(cfg.speaker_ref) or None, progress=bool(cfg.progress))
     report["skipped"] = dict(skipped.counts)
     report["run"] = {"audio": str(cfg.audio)}
     write_report(report, out)

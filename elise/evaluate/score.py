@@ -7,7 +7,7 @@ speaker_ref)`` returns the eval_report dict (``items``, ``summary``, ``voice_mat
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -106,15 +106,16 @@ class Scorer:
         return row
 
     def score(self, items: Sequence[Item], speaker_ref: Sequence[str] | None = None,
-              on_item: Callable[[int], None] | None = None) -> dict[str, Any]:  # fmt: skip
-        """The eval_report dict of ``items`` (SIM against each item's reference, else ``speaker_ref``)."""
+              progress: bool = False) -> dict[str, Any]:  # fmt: skip
+        """The eval_report dict of ``items`` (SIM against each item's reference, else ``speaker_ref``);
+        ``progress``: a ``score`` bar (scoring takes longer than synthesizing on CPU)."""
+        from tqdm import tqdm
+
         global_ref = self.speaker_embedding(speaker_ref) if self.speaker and speaker_ref else None
         rows = []
-        for i, item in enumerate(items):
+        for item in tqdm(items, desc="score", unit="utt", disable=not progress):
             ref = self.embedding(item.reference) if self.speaker and item.reference else global_ref
             rows.append(self.score_item(item, ref))
-            if on_item:
-                on_item(i)
         voice_match = self.voice_match(rows)
         for row in rows:
             row.pop("embedding", None)

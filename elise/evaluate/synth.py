@@ -113,7 +113,7 @@ def evaluate_checkpoint(
     items = synthesize_lines(synth, lines, out, voice_list, reference_max_seconds, progress)
     synth_seconds = time.perf_counter() - t1
     t2 = time.perf_counter()
-    report = scorer.score(items, speaker_ref)
+    report = scorer.score(items, speaker_ref, progress)
     report["run"] = {
         "ckpt": str(ckpt), "codec": synth.codec.identity, "random_codec": bool(getattr(synth.codec, "random_weights", False)),
         "settings": {k: v for k, v in vars(settings).items() if k != "bound"} | {"length": vars(settings.bound)},

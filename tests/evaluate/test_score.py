@@ -78,3 +78,12 @@ def test_voice_match_matrix_finds_each_output_s_own_voice(tmp_path: Path) -> Non
         scorer.voice_match([{"reference": refs[0], "voice": None}, {"reference": refs[1], "voice": None}])
         is None
     )
+
+
+def test_scoring_shows_its_progress_only_when_asked(speech: np.ndarray, capsys) -> None:
+    items = [Item(str(i), TEXT, str(i), speech) for i in range(3)]
+    Scorer(["eos"]).score(items)
+    assert "score" not in capsys.readouterr().err
+    Scorer(["eos"]).score(items, progress=True)
+    err = capsys.readouterr().err
+    assert "score: 100%" in err and "3/3" in err
