@@ -82,3 +82,19 @@ def sigterm_at(step: int):
                 os.kill(os.getpid(), signal.SIGTERM)
 
     return SigtermAt()
+
+
+def record_bases(monkeypatch) -> list:
+    """Every ``base=`` the one checkpoint loader (``elise.synthesis.runtime.load_model``) is given; the
+    model still loads without it (the test checkpoint is not a LoRA)."""
+    import elise.synthesis.runtime as runtime
+
+    seen: list = []
+    real = runtime.load_model
+
+    def spy(path, map_location="cpu", base=None):
+        seen.append(base)
+        return real(path, map_location=map_location, base=None)
+
+    monkeypatch.setattr(runtime, "load_model", spy)
+    return seen

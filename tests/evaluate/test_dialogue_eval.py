@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 from evalkit import SAMPLE
+from testkit import record_bases
 
 from elise.cli import main
 from elise.evaluate import evaluate_dialogue
@@ -77,16 +78,7 @@ def test_bad_dialogues_are_one_line_errors(tiny_ckpt: Path, tmp_path: Path, caps
 
 
 def test_base_reaches_the_loader(tiny_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
-    import elise.synthesis.runtime as runtime
-
-    seen = []
-    real = runtime.load_model
-
-    def spy(path, map_location="cpu", base=None):
-        seen.append(base)
-        return real(path, map_location=map_location, base=None)
-
-    monkeypatch.setattr(runtime, "load_model", spy)
+    seen = record_bases(monkeypatch)
     texts = tmp_path / "set.txt"
     texts.write_text("One line.\n")
     main(

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+from testkit import record_bases
 
 from elise.synthesis import Synthesizer
 from elise.synthesis.dialogue import Voice, converse, parse_script
@@ -198,18 +199,10 @@ def test_the_api_key_guards_the_dialogue_route(served):
 
 
 def test_serve_passes_base_to_the_loader(tiny_ckpt, monkeypatch):
-    import elise.synthesis.runtime as runtime
     from elise.config import compose
     from elise.serve.app import Server
 
-    seen = []
-    real = runtime.load_model
-
-    def spy(path, map_location="cpu", base=None):
-        seen.append(base)
-        return real(path, map_location=map_location, base=None)
-
-    monkeypatch.setattr(runtime, "load_model", spy)
+    seen = record_bases(monkeypatch)
     server = Server.from_config(compose("serve", [f"ckpt={tiny_ckpt}", "codec=tiny", "base=/some/base.ckpt"]))
     server.close()
     assert seen == ["/some/base.ckpt"]
