@@ -266,6 +266,22 @@ def app(server: Server) -> FastAPI:
             raise ApiError(err.status, str(err), "name") from err
         return {"name": name, "deleted": True}
 
+    def error_of(err: BaseException, param: str) -> ApiError:
+        """A generation failure as its response: 499 client gone, 503 queue full, 504 time limit, 400 bad
+        ``param`` (the text or script), else 500."""
+        if isinstance(err, QueueFull):
+            server.metrics.requests.labels("rejected").inc()
+            return ApiError(503, str(err), code="queue_full", headers={"Retry-After": "2"})
+        if isinstance(err, ClientGone | conversation.Stopped):
+            server.metrics.requests.labels("cancelled").inc()
+            return ApiError(499, str(err), code="client_closed")
+        server.metrics.requests.labels("error").inc()
+        if isinstance(err, TimeLimit):
+            return ApiError(504, str(err), code="time_limit")
+        if isinstance(err, SynthesisError):
+            return ApiError(400, str(err), param)
+        return ApiError(500, f"generation failed: {err}")
+
     @api.post("/v1/audio/speech", dependencies=[auth])
     async def speech(body: SpeechRequest, request: Request) -> Response:
         if not server.ready:
@@ -276,18 +292,10 @@ def app(server: Server) -> FastAPI:
         try:
             server.batcher.submit(job)
         except QueueFull as err:
-            server.metrics.requests.labels("rejected").inc()
-            raise ApiError(503, str(err), code="queue_full", headers={"Retry-After": "2"}) from err
+            raise error_of(err, "input") from err
         first = await next_item(q, request, job)
         if isinstance(first, BaseException):
-            server.metrics.requests.labels("error").inc()
-            if isinstance(first, ClientGone):
-                raise ApiError(499, str(first), code="client_closed")
-            if isinstance(first, TimeLimit):
-                raise ApiError(504, str(first), code="time_limit")
-            if isinstance(first, SynthesisError):
-                raise ApiError(400, str(first), "input")
-            raise ApiError(500, f"generation failed: {first}")
+            raise error_of(first, "input")
         fmt = body.response_format
         headers = {"x-elise-seed": str(job.seed), "x-elise-sample-rate": str(sr)}
 
@@ -335,20 +343,21 @@ def app(server: Server) -> FastAPI:
 
         if fmt in STREAMING:
             return StreamingResponse(audio(), media_type=media_type(fmt), headers=headers)
-        body_bytes = b"".join([data async for data in audio()])
-        return Response(body_bytes, media_type=media_type(fmt), headers=headers)
-
-    def dialogue_error(err: BaseException) -> ApiError:
-        """A conversation's failure as the response it gets (the speech endpoint's codes)."""
-        if isinstance(err, QueueFull):
-            server.metrics.requests.labels("rejected").inc()
-            return ApiError(503, str(err), code="queue_full", headers={"Retry-After": "2"})
-        server.metrics.requests.labels("error").inc()
-        if isinstance(err, TimeLimit):
-            return ApiError(504, str(err), code="time_limit")
-        if isinstance(err, SynthesisError):
-            return ApiError(400, str(err), "script")
-        return ApiError(500, f"generation failed: {err}")
+        # a whole file: complete, or the failure's status (never a 200 with the audio cut short)
+        enc, item = StreamEncoder(fmt, sr), first
+        try:
+            parts = []
+            while item is not DONE:
+                if isinstance(item, BaseException):
+                    raise error_of(item, "input")
+                assert isinstance(item, torch.Tensor)
+                parts.append(enc.write(item.numpy().astype(np.float32)))
+                item = await next_item(q, request, job)
+            parts.append(enc.close())
+        finally:
+            job.cancel()
+            finish(job, item is DONE)
+        return Response(b"".join(parts), media_type=media_type(fmt), headers=headers)
 
     def dialogue_done(t0: float, samples: int) -> None:
         server.metrics.requests.labels("ok").inc()
@@ -377,11 +386,8 @@ def app(server: Server) -> FastAPI:
                 stop.set()
         try:
             conv = task.result()
-        except conversation.Stopped as err:
-            server.metrics.requests.labels("cancelled").inc()
-            raise ApiError(499, str(err), code="client_closed") from err
-        except (QueueFull, TimeLimit, SynthesisError) as err:
-            raise dialogue_error(err) from err
+        except Exception as err:  # worker failures and shutdown too: the OpenAI error shape
+            raise error_of(err, "script") from err
         wav = conv.audio(sr).numpy().astype(np.float32)
         dialogue_done(t0, wav.size)
         headers["x-elise-turns"] = str(len(conv.turns))
@@ -424,7 +430,7 @@ def app(server: Server) -> FastAPI:
         first = await next_event()
         if isinstance(first, BaseException):
             stop.set()
-            raise dialogue_error(first)
+            raise error_of(first, "script")
         sse = body.stream_format == "sse"
 
         async def events() -> AsyncIterator[bytes]:

@@ -154,16 +154,16 @@ def worker(
                 pass
 
     def generate(requests: list[Request], on_chunk: OnChunk | None) -> list[Result]:
-        waits = []
-        for r in requests:
-            assert r.speaker is not None and r.seed is not None  # converse sets both
-            q: queue.Queue = queue.Queue()
-            job = Job(server.synth.pieces(r), r.speaker, list(r.context or []), sampling, int(r.seed), q.put,
-                      deadline)  # fmt: skip
-            server.batcher.submit(job)
-            waits.append((job, q))
+        waits: list[tuple[Job, queue.Queue]] = []
         results = []
-        try:
+        try:  # every submitted job is cancelled on the way out, also when a later submit fails
+            for r in requests:
+                assert r.speaker is not None and r.seed is not None  # converse sets both
+                q: queue.Queue = queue.Queue()
+                job = Job(server.synth.pieces(r), r.speaker, list(r.context or []), sampling, int(r.seed),
+                          q.put, deadline)  # fmt: skip
+                server.batcher.submit(job)
+                waits.append((job, q))
             for i, (job, q) in enumerate(waits):
                 chunks = []
                 while (item := get(q)) is not DONE:

@@ -100,3 +100,29 @@ def test_time_limit_is_504(served):
     finally:
         server.limits.time_limit_s = 300.0
     assert post(url, OK).status_code == 200
+
+
+def test_a_whole_file_format_that_fails_midway_is_an_error_not_a_short_200(served, monkeypatch):
+    """mp3/flac/opus are sent complete: a failure after the first audio is the failure's status."""
+    from elise.serve.batcher import TimeLimit
+
+    url, server = served
+    make_job = server.job
+
+    def failing_after_first_chunk(body, sink):
+        sent = []
+
+        def relay(item):
+            if sent:  # the first chunk goes through; whatever follows becomes the time limit
+                item = TimeLimit("ran past its time limit") if len(sent) == 1 else None
+            if item is not None:
+                sent.append(item)
+                sink(item)
+
+        return make_job(body, relay)
+
+    monkeypatch.setattr(server, "job", failing_after_first_chunk)
+    r = post(url, {**OK, "response_format": "flac", "input": "Hello there. How are you today?"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "time_limit"
+    monkeypatch.undo()
+    assert post(url, {**OK, "response_format": "flac"}).status_code == 200
