@@ -34,12 +34,11 @@ import numpy as np
 
 from elise.config import conf_defaults
 from elise.data.audio import TARGET_SR, AudioError, read_audio, resample, to_mono, write_wav
-from elise.data.sources import RawItem, read_manifest
+from elise.data.sources import AUDIO_SUFFIXES, RawItem, read_manifest
 from elise.data.vad import VAD_RATE, Piece, clip_bounds, plan_clips, plan_text_clips, speech_spans
 from elise.errors import one_line
 
-FOLDER_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
-SOUNDFILE_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # libsndfile reads these; others need audioread
+FOLDER_SUFFIXES = (*AUDIO_SUFFIXES, ".m4a")  # libsndfile reads AUDIO_SUFFIXES; the others need audioread
 SIDECAR_SUFFIXES = (".txt", ".lab")
 TRANSCRIBERS = ("auto", "whisper", "pocketsphinx", "none")
 MANIFEST = "manifest.jsonl"
@@ -178,7 +177,7 @@ def decode(path: Path) -> np.ndarray:
     try:
         return read_audio(path)
     except AudioError:
-        if path.suffix.lower() in SOUNDFILE_SUFFIXES:
+        if path.suffix.lower() in AUDIO_SUFFIXES:
             raise
     return _decode_audioread(path)
 
