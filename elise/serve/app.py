@@ -253,7 +253,10 @@ def app(server: Server) -> FastAPI:
                 413, f"the upload exceeds {limit} bytes (max_upload_mb)", "file", "upload_too_large"
             )
         try:
-            voice = await asyncio.to_thread(server.voices.add, name, data, transcript, speaker)
+            # on the worker: Mimi's encoder shares the streaming state the worker's decoder holds
+            voice = await asyncio.wrap_future(
+                server.batcher.call(lambda: server.voices.add(name, data, transcript, speaker))
+            )
         except VoiceError as err:
             raise ApiError(err.status, str(err), "file") from err
         return {"name": voice.name, "kind": voice.kind, "text": voice.text}

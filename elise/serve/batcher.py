@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -98,6 +99,7 @@ class Batcher:
         self.rows: list[Job] = []  # active jobs, row i of the cache = rows[i]
         self.between: list[Job] = []  # jobs whose piece ended: next piece or done at the boundary
         self.waiting: collections.deque[Job] = collections.deque()
+        self.calls: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
         self.cond = threading.Condition()
         self.codec_rows = [True] * self.max_batch  # free rows of the streaming decoder
         self.stateful = type(self.codec).streaming_decoder is not Codec.streaming_decoder
@@ -124,6 +126,27 @@ class Batcher:
             self.cond.notify()
         return job
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the worker between two steps (its result or error in the Future): anything else
+        that uses the model or the codec (encoding an uploaded voice), whose streaming state the worker
+        holds, goes through here."""
+        future: Future = Future()
+        with self.cond:
+            if not self.running:
+                raise RuntimeError("the model worker is not running")
+            self.calls.append((fn, future))
+            self.cond.notify()
+        return future
+
+    def _run_calls(self) -> None:
+        with self.cond:
+            calls, self.calls = list(self.calls), collections.deque()
+        for fn, future in calls:
+            try:
+                future.set_result(fn())
+            except Exception as err:  # the caller's error, handed back
+                future.set_exception(err)
+
     def start(self) -> None:
         self.running = True
         self.thread = threading.Thread(target=self._run, name="elise-batcher", daemon=True)
@@ -139,6 +162,9 @@ class Batcher:
             job.sink(RuntimeError("the server is shutting down"))
         self.rows, self.between = [], []
         self.waiting.clear()
+        for _fn, future in self.calls:
+            future.set_exception(RuntimeError("the server is shutting down"))
+        self.calls.clear()
 
     # ---- the worker ------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -148,10 +174,11 @@ class Batcher:
             with torch.inference_mode():
                 while True:
                     with self.cond:
-                        while self.running and not (self.rows or self.between or self.waiting):
+                        while self.running and not (self.rows or self.between or self.waiting or self.calls):
                             self.cond.wait()
                         if not self.running:
                             return
+                    self._run_calls()
                     self._boundary(step)
                     for _ in range(self.chunk):
                         if not self.rows:

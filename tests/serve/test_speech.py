@@ -76,16 +76,29 @@ def test_models_health_and_page(served):
     assert page.status_code == 200 and "/v1/audio/speech" in page.text
 
 
-def test_voice_upload_use_list_delete(served, tmp_path):
+def test_voice_upload_use_list_delete(served, tmp_path, monkeypatch):
+    import threading
+
     from testkit import tone
 
     url, server = served
+    encoded_on = []
+    add = server.voices.add
+
+    def recorded_add(*args):
+        encoded_on.append(threading.current_thread().name)
+        return add(*args)
+
+    monkeypatch.setattr(server.voices, "add", recorded_add)
     buf = io.BytesIO()
     sf.write(buf, tone(1.5, sr=16_000), 16_000, format="WAV")
     files = {"file": ("me.wav", buf.getvalue(), "audio/wav")}
     r = httpx.post(f"{url}/v1/audio/voices", data={"name": "me_1", "transcript": "A tone."}, files=files)
     assert r.status_code == 200, r.text
     assert (server.voices.dir / "me_1.npy").is_file()  # encoded once, kept as plain int16 codes
+    assert encoded_on == [
+        "elise-batcher"
+    ]  # the codec is used by the model worker only (Mimi's streaming state)
     names = [v["name"] for v in httpx.get(f"{url}/v1/audio/voices").json()["data"]]
     assert "me_1" in names and "default" in names
     resp = client(url).audio.speech.create(
