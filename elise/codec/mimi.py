@@ -7,13 +7,14 @@ audio is noise). Both run in fp32.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import safe_open
@@ -46,6 +47,7 @@ class MimiCodec(Codec):
     ):
         super().__init__()
         self.model = model.float().eval()
+        self._streaming: list[Any] = []  # the decoder parts streaming now (streaming_decoder)
         self.num_codebooks = int(model.num_codebooks)
         self.batch_size = max(1, int(batch_size))
         self.random_weights = random_weights
@@ -92,8 +94,33 @@ class MimiCodec(Codec):
                 raise ValueError(f"streaming decoder opened for batch {batch_size}, got {codes.shape[0]}")
             return self.model.decode(codes.to(self.device)).to(codes.device)  # [B, 1, t * 1920]
 
-        with torch.no_grad(), self.model.streaming(batch_size):
-            yield step
+        # only the decoding side streams: moshi's model-wide streaming state would also take over the
+        # encoder, and a server encodes uploaded voices while its streaming decoder stays open
+        m = self.model
+        parts = [x for x in (getattr(m, "upsample", None), m.decoder_transformer, m.decoder) if x is not None]
+        roots: list[Any] = [root for part in parts for root in _streaming_roots(part)]
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for root in roots:
+                stack.enter_context(root.streaming(batch_size))
+            self._streaming = roots
+            try:
+                yield step
+            finally:
+                self._streaming = []
+
+    def reset_streaming_rows(self, rows: Tensor) -> None:
+        """Fresh decoder state for the rows set in ``rows`` [B] bool of the open streaming decoder."""
+        for root in self._streaming:
+            root.reset_streaming(rows)
+
+
+def _streaming_roots(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost moshi StreamingModules in ``module`` (itself, or the first ones below it)."""
+    from moshi.modules.streaming import StreamingModule
+
+    if isinstance(module, StreamingModule):
+        return [module]
+    return [root for child in module.children() for root in _streaming_roots(child)]
 
 
 def build_mimi(

@@ -103,7 +103,7 @@ class Batcher:
         self.cond = threading.Condition()
         self.codec_rows = [True] * self.max_batch  # free rows of the streaming decoder
         self.stateful = type(self.codec).streaming_decoder is not Codec.streaming_decoder
-        if self.stateful and not hasattr(getattr(self.codec, "model", None), "reset_streaming"):
+        if self.stateful and not hasattr(self.codec, "reset_streaming_rows"):
             raise SynthesisError(f"codec {self.codec.identity}: a streaming state without a per-row reset")
         self.pause = torch.zeros(round(synth.settings.pause_ms / 1000 * synth.sample_rate))
         self.thread: threading.Thread | None = None
@@ -263,7 +263,7 @@ class Batcher:
         if self.stateful:  # a fresh decoder state per piece, as the engine's
             reset = torch.zeros(self.max_batch, dtype=torch.bool)
             reset[job.codec_row] = True
-            self.codec.model.reset_streaming(reset)  # type: ignore[union-attr,operator]  # moshi: per row
+            self.codec.reset_streaming_rows(reset)  # type: ignore[attr-defined,operator]
 
     def _retire(self, i: int) -> None:
         """Free row ``i``: the last active row moves into it."""

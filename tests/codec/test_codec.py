@@ -233,3 +233,13 @@ def test_weights_hash_follows_content(tmp_path: Path) -> None:
 
 GOLDEN_TINY = [984, 1975, 878, 1712]  # TinyCodec(seed=0), audio(2, 11420, seed=1), item 0, frame 0
 GOLDEN_MIMI_RANDOM = [347, 1582, 1242, 1225]  # build_codec("mimi_random", seed=0), same audio
+
+
+def test_mimi_encodes_while_its_streaming_decoder_is_open(mimi_random, wav6: torch.Tensor) -> None:
+    """A server keeps the streaming decoder open for its life and encodes uploaded voices meanwhile:
+    only the decoding side streams, so encoding an odd length gives the same codes as when closed."""
+    odd = wav6[:1, :, :5000]  # not a multiple of Mimi's 1920-sample frame
+    closed = mimi_random.encode(odd)[0]  # [1, 32, 3]
+    with mimi_random.streaming_decoder(4) as step:
+        assert torch.equal(mimi_random.encode(odd)[0], closed)
+        assert step(closed.repeat(4, 1, 1)[..., :2]).shape == (4, 1, 2 * 1920)
