@@ -117,7 +117,8 @@ class Batcher:
         return len(self.waiting)
 
     def active(self) -> int:
-        return len(self.rows)
+        """Requests holding a row: generating, or between two of their pieces."""
+        return self.codec_rows.count(False)
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``; QueueFull when ``max_queue`` jobs already wait."""
