@@ -25,9 +25,9 @@ from elise.config import conf_defaults, group_options
 from elise.data.audio import TARGET_SR, AudioError
 from elise.data.cache import AudioInfo, CodeCache, decode_job, source_fingerprint
 from elise.data.items import Example, PreparedData
-from elise.data.load import load_items
+from elise.data.load import list_items
 from elise.data.shards import ShardStore, index_batch, write_index
-from elise.data.sources import RawItem, speaker_id, speaker_map
+from elise.data.sources import RawItem, speaker_id
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
 
@@ -106,15 +106,16 @@ def prepare(
     shard, num_shards = int(shard), int(num_shards)
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"prepare.shard must be in [0, prepare.num_shards), got {shard} of {num_shards}")
-    items = load_items(cfg)
+    listing = list_items(cfg)
     settings = f"sr={codec.sample_rate}|nq={codec.num_codebooks}"
     cache = open_store(
         cfg, codec.identity, settings, writer="w0" if num_shards == 1 else f"s{shard}of{num_shards}"
     )
-    speakers = speaker_map([it.speaker for it in items if it.error is None])
+    speakers = listing.speakers
     run = _Run(cfg, codec, tokenizer, cache, speakers, strict or bool(cfg["strict"]))
-    mine = [(n, it) for n, it in enumerate(items) if n % num_shards == shard]
-    with _progress_bar(progress, len(mine)) as advance, _decoder(num_workers) as decode:
+    mine = ((n, it) for n, it in enumerate(listing.items) if n % num_shards == shard)
+    total = None if listing.total is None else len(range(shard, listing.total, num_shards))
+    with _progress_bar(progress, total) as advance, _decoder(num_workers) as decode:
         run.process(mine, decode, advance)
     part = run.part()
     name = dataset_name(cfg, codec.identity, settings, tokenizer)
@@ -267,14 +268,17 @@ class _Run:
         self.cached = 0
         self.batch_size = max(1, int(getattr(codec, "batch_size", 8) or 8))
 
-    def process(self, items: list[tuple[int, RawItem]], decode: Callable, advance: Callable) -> None:
-        """All items: checks and cache lookups here, decoding by ``decode`` (a map over jobs, in
-        order), encoding in windows of ``ENCODE_WINDOW`` batches."""
+    def process(self, items: Iterable[tuple[int, RawItem]], decode: Callable, advance: Callable) -> None:
+        """All items (a list or a stream, read once): checks and cache lookups here, decoding by
+        ``decode`` (a map over jobs, in order), encoding in windows of ``ENCODE_WINDOW`` batches.
+        Items are taken a chunk at a time, so a stream's audio is held one chunk at a time."""
         chunk = self.batch_size * ENCODE_WINDOW
         done = 0
-        for start in range(0, len(items), chunk):
+        stream = iter(items)
+        while batch := list(itertools.islice(stream, chunk)):
             first = len(self.records)
-            begun = [self._begin(n, item) for n, item in items[start : start + chunk]]
+            begun = [self._begin(n, item) for n, item in batch]
+            del batch
             need = [b for b in begun if b is not None and b["job"] is not None]
             for b, result in zip(need, decode([b["job"] for b in need]), strict=True):
                 b["decoded"] = result
@@ -563,9 +567,10 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 class _progress_bar:
-    """Context manager yielding ``advance(done, encoded)``; a rich progress bar when enabled."""
+    """Context manager yielding ``advance(done, encoded)``; a rich progress bar when enabled (total
+    None: a stream of unknown length, counted without an end)."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int | None):
         self.enabled, self.total = enabled, total
 
     def __enter__(self) -> Callable[[int, int], None]:

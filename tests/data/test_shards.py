@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from testkit import same_result
 
 import elise.data.shards as shards
 from elise.codec import build_codec
@@ -28,21 +29,6 @@ def cfg(cache: Path, **kw: object) -> dict:
 
 def run(c: dict, **kw: object):
     return prepare(c, build_codec("tiny", batch_size=4), ByteTokenizer(), progress=False, **kw)
-
-
-def codes_by_id(data) -> dict[str, np.ndarray]:
-    return {e.id: e.load_codes().numpy() for e in data.examples}
-
-
-def same_result(a, b) -> None:
-    """Same kept clips, texts, splits, codes and report counts."""
-    key = [(e.id, e.text, e.text_ids, e.frames, e.split, e.speaker) for e in a.examples]
-    assert key == [(e.id, e.text, e.text_ids, e.frames, e.split, e.speaker) for e in b.examples]
-    ca, cb = codes_by_id(a), codes_by_id(b)
-    assert all(np.array_equal(ca[i], cb[i]) for i in ca)
-    for name in ("total", "kept", "train", "val", "hours", "skipped", "items", "speakers"):
-        assert a.report[name] == b.report[name], name
-    assert a.report["encoded"] + a.report["cached"] == b.report["encoded"] + b.report["cached"]
 
 
 def test_shards_hold_the_npy_cache_codes_in_bounded_files(tmp_path: Path) -> None:
