@@ -4,7 +4,7 @@ Reading: every file goes through ``torch_load_checked`` (``torch.load(weights_on
 safetensors): no pickled code is ever executed, and a bad file gets one line saying what it is
 (empty, truncated or corrupt, not a checkpoint, contains pickled code). Writing:
 ``atomic_torch_save`` (tmp file + fsync + rename; ``AtomicCheckpointIO`` is Lightning's plugin for
-it). ``resolve_ckpt_path`` turns ``ckpt_path=last`` into the newest readable file of a run.
+it). ``open_resume`` turns ``ckpt_path=last`` into the newest readable file of a run, opened once.
 
 An elise checkpoint holds, besides Lightning's own keys:
 
@@ -118,12 +118,20 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
-    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir.
+    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir."""
+    found = open_resume(spec, run_dir)
+    return found[0] if found else None
 
-    Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
+
+def open_resume(spec: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """``ckpt_path``'s file and its checkpoint, opened once (memory-mapped: weights are read when used).
+
+    ``spec``: ``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run
+    dir. Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
     pickled code is refused with ``CheckpointError``). With ``last``, a truncated or corrupt newest
     file is reported in one warning line and the previous one is used; temporary files of an
-    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``.
+    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``. ``AtomicCheckpointIO.hold`` hands
+    the opened checkpoint to Lightning, so a resume reads the file once.
     """
     if spec is None:
         return None
@@ -135,7 +143,7 @@ def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
             )
         for newer, path in enumerate(found):
             try:
-                inspect_checkpoint(path)
+                return str(path), inspect_checkpoint(path)
             except CheckpointError as err:
                 if newer + 1 < len(found):
                     log.warning("ckpt_path=last: skipping %s (%s)", path, err)
@@ -143,12 +151,10 @@ def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
                 raise CheckpointError(
                     f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})"
                 ) from err
-            return str(path)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={spec}: no such checkpoint file")
-    inspect_checkpoint(path)
-    return str(path)
+    return str(path), inspect_checkpoint(path)
 
 
 # ---- writing files --------------------------------------------------------------------------------
@@ -191,6 +197,8 @@ def _atomic_checkpoint_io() -> type:
         must fit in /tmp. Remote paths (``s3://``...) keep Lightning's behaviour.
         """
 
+        held: tuple[str, dict[str, Any]] | None = None  # ``hold``: a checkpoint opened already
+
         def save_checkpoint(
             self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
         ) -> None:
@@ -198,6 +206,16 @@ def _atomic_checkpoint_io() -> type:
                 super().save_checkpoint(checkpoint, path, storage_options)
                 return
             atomic_torch_save(checkpoint, path)
+
+        def hold(self, path: str, checkpoint: dict[str, Any]) -> None:
+            """Give Lightning ``checkpoint`` (``open_resume``'s) when it loads ``path``, once: no second read."""
+            self.held = (str(path), checkpoint)
+
+        def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            held, self.held = self.held, None
+            if held is not None and held[0] == str(path):
+                return held[1]
+            return super().load_checkpoint(path, *args, **kwargs)
 
     return AtomicCheckpointIO
 
@@ -393,6 +411,7 @@ __all__ = [
     "atomic_torch_save",
     "inspect_checkpoint",
     "load_model",
+    "open_resume",
     "read_checkpoint",
     "resolve_ckpt_path",
     "torch_load_checked",
