@@ -4,7 +4,7 @@ Reading: every file goes through ``torch_load_checked`` (``torch.load(weights_on
 safetensors): no pickled code is ever executed, and a bad file gets one line saying what it is
 (empty, truncated or corrupt, not a checkpoint, contains pickled code). Writing:
 ``atomic_torch_save`` (tmp file + fsync + rename; ``AtomicCheckpointIO`` is Lightning's plugin for
-it). ``resolve_ckpt_path`` turns ``ckpt_path=last`` into the newest readable file of a run.
+it). ``open_resume`` turns ``ckpt_path=last`` into the newest readable file of a run, opened once.
 
 An elise checkpoint holds, besides Lightning's own keys:
 
@@ -23,7 +23,9 @@ base (or ``base=``), refuses one whose hash differs, and returns the merged mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -116,12 +118,20 @@ def inspect_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
-    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir.
+    """``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run dir."""
+    found = open_resume(spec, run_dir)
+    return found[0] if found else None
 
-    Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
+
+def open_resume(spec: str | None, run_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """``ckpt_path``'s file and its checkpoint, opened once (memory-mapped: weights are read when used).
+
+    ``spec``: ``None``, a checkpoint file, or ``"last"``: the newest readable ``.ckpt`` under the run
+    dir. Every candidate is opened with ``weights_only=True`` before Lightning sees it (a file holding
     pickled code is refused with ``CheckpointError``). With ``last``, a truncated or corrupt newest
     file is reported in one warning line and the previous one is used; temporary files of an
-    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``.
+    interrupted save (``.<name>.<pid>.tmp``) never match ``*.ckpt``. ``AtomicCheckpointIO.hold`` hands
+    the opened checkpoint to Lightning, so a resume reads the file once.
     """
     if spec is None:
         return None
@@ -133,7 +143,7 @@ def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
             )
         for newer, path in enumerate(found):
             try:
-                inspect_checkpoint(path)
+                return str(path), inspect_checkpoint(path)
             except CheckpointError as err:
                 if newer + 1 < len(found):
                     log.warning("ckpt_path=last: skipping %s (%s)", path, err)
@@ -141,12 +151,10 @@ def resolve_ckpt_path(spec: str | None, run_dir: Path) -> str | None:
                 raise CheckpointError(
                     f"ckpt_path=last: no readable checkpoint under {run_dir} ({err})"
                 ) from err
-            return str(path)
     path = Path(spec).expanduser()
     if not path.is_file():
         raise CheckpointError(f"ckpt_path={spec}: no such checkpoint file")
-    inspect_checkpoint(path)
-    return str(path)
+    return str(path), inspect_checkpoint(path)
 
 
 # ---- writing files --------------------------------------------------------------------------------
@@ -189,6 +197,8 @@ def _atomic_checkpoint_io() -> type:
         must fit in /tmp. Remote paths (``s3://``...) keep Lightning's behaviour.
         """
 
+        held: tuple[str, dict[str, Any]] | None = None  # ``hold``: a checkpoint opened already
+
         def save_checkpoint(
             self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
         ) -> None:
@@ -196,6 +206,16 @@ def _atomic_checkpoint_io() -> type:
                 super().save_checkpoint(checkpoint, path, storage_options)
                 return
             atomic_torch_save(checkpoint, path)
+
+        def hold(self, path: str, checkpoint: dict[str, Any]) -> None:
+            """Give Lightning ``checkpoint`` (``open_resume``'s) when it loads ``path``, once: no second read."""
+            self.held = (str(path), checkpoint)
+
+        def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            held, self.held = self.held, None
+            if held is not None and held[0] == str(path):
+                return held[1]
+            return super().load_checkpoint(path, *args, **kwargs)
 
     return AtomicCheckpointIO
 
@@ -219,9 +239,18 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
 
 def weights_sha256(path: str | Path) -> str:
     """sha256 of a weights file, or of a transformers directory's config.json + *.safetensors (names
-    and contents, sorted): what a LoRA checkpoint records of its base."""
-    path = Path(path)
+    and contents, sorted): what a LoRA checkpoint records of its base.
+
+    Cached by path, size and modification time of every file hashed (as ``elise.data.folder`` caches
+    its recordings), in memory and in ``<ELISE_CACHE_DIR>/weights_sha256.json``: a base of a few GB is
+    read once, not at every load of one of its LoRA checkpoints."""
+    path = Path(path).resolve()
     files = [path] if path.is_file() else sorted([path / "config.json", *path.glob("*.safetensors")])
+    stamp = json.dumps([[str(f), *_stat(f)] for f in files])
+    cached = _SHA_CACHE.get(stamp) or _sha_file_cache().get(stamp)
+    if cached:
+        _SHA_CACHE[stamp] = cached
+        return cached
     digest = hashlib.sha256()
     for f in files:
         if path.is_dir():
@@ -229,19 +258,56 @@ def weights_sha256(path: str | Path) -> str:
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 digest.update(chunk)
+    _SHA_CACHE[stamp] = digest.hexdigest()
+    _remember_sha(stamp, digest.hexdigest())
     return digest.hexdigest()
 
 
-def load_lora_checkpoint(
-    path: str | Path, ckpt: dict[str, Any], map_location: str | torch.device, base: str | Path | None
-) -> Loaded:
-    """The base (``base`` or the recorded path; its sha256 must match) + the adapters, merged."""
-    from elise.model.lora import LoRAConfig, add_lora, merge_lora
+_SHA_CACHE: dict[str, str] = {}  # json [[file, size, mtime_ns], ...] -> sha256, this process
+SHA_CACHE_ENTRIES = 64  # the on-disk cache keeps the newest ones
 
-    hp = ckpt["hyper_parameters"]
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def sha_cache_file() -> Path:
+    """``weights_sha256.json`` next to the kernel timings (``$ELISE_CACHE_DIR``, else ``~/.cache/elise``)."""
+    from elise.model.kernels import cache_file
+
+    return cache_file().with_name("weights_sha256.json")
+
+
+def _sha_file_cache() -> dict[str, str]:
+    try:
+        found = json.loads(sha_cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, unreadable or half-written: hash again
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _remember_sha(stamp: str, sha: str) -> None:
+    entries = {k: v for k, v in _sha_file_cache().items() if k != stamp}
+    entries = dict(list(entries.items())[-(SHA_CACHE_ENTRIES - 1) :]) | {stamp: sha}
+    path = sha_cache_file()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only home: the in-memory cache still serves this process
+        log.debug("cannot write %s: %s", path, err)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _lora_base(path: str | Path, hp: dict[str, Any], base: str | Path | None, map_location: Any) -> Loaded:
+    """The base a LoRA checkpoint adapts: ``base`` or the recorded path, whose sha256 must match the record."""
     record = hp.get("lora_base") or {}
-    base_path = Path(str(base or record.get("path") or "")).expanduser()
-    if not str(base or record.get("path") or "") or not base_path.exists():
+    named = str(base or record.get("path") or "")
+    base_path = Path(named).expanduser()
+    if not named or not base_path.exists():
         raise CheckpointError(
             f"{path} is a LoRA checkpoint whose base {record.get('path')} is not found: pass base=<its base "
             "checkpoint or transformers directory>"
@@ -253,56 +319,48 @@ def load_lora_checkpoint(
             f"(sha256 {record['sha256'][:12]}...): pass base=<that base>"
         )
     loaded = load_model(base_path, map_location)
-    model = add_lora(loaded.model, LoRAConfig.from_dict(hp["lora"]))
-    state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    adapters = {name for name, p in model.named_parameters() if p.requires_grad}
-    if unexpected or adapters - set(state):
-        raise CheckpointError(
-            f"{path}: adapters do not match lora={hp['lora']} on this base (unexpected {unexpected[:3]}, "
-            f"missing {sorted(adapters - set(state))[:3]})"
-        )
-    merge_lora(model)
-    meta = {
-        "global_step": ckpt.get("global_step"),
-        "epoch": ckpt.get("epoch"),
-        "hyper_parameters": hp,
-        "lora": {"base": str(base_path), "sha256": found, "config": hp["lora"]},
-    }
-    codec = hp.get("codec") or loaded.codec
-    return Loaded(
-        model.to(map_location).eval(),
-        tokenizer_from_checkpoint(ckpt) if ckpt.get("elise_tokenizer_json") else loaded.tokenizer,
-        "elise",
-        meta,
-        codec=dict(codec) if codec else None,
-        speakers={str(k): int(v) for k, v in dict(hp.get("speakers") or loaded.speakers).items()},
-    )
+    loaded.meta["lora"] = {"base": str(base_path), "sha256": found, "config": hp["lora"]}
+    return loaded
 
 
 def load_elise_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu", base: str | Path | None = None
 ) -> Loaded:
+    """An elise checkpoint. A LoRA one (``hyper_parameters["lora"]``) holds the adapters only: they go
+    onto its base (``_lora_base``) and are merged; every other key must match exactly."""
+    from elise.model.lora import LoRAConfig, add_lora, is_lora_key, merge_lora
+
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") or {}
     if "model" not in hp:
         raise CheckpointError(f"{path} has no model config in hyper_parameters: not an elise checkpoint")
-    if hp.get("lora"):
-        return load_lora_checkpoint(path, ckpt, map_location, base)
-    model = build_model(dict(hp["model"]))
+    lora = hp.get("lora")
+    under = _lora_base(path, hp, base, map_location) if lora else None
+    if under is not None:
+        model = add_lora(under.model, LoRAConfig.from_dict(hp["lora"]))
+    else:
+        model = build_model(dict(hp["model"]))
     state = {k[len(MODEL_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    if lora:  # the base weights come from the base, not the file
+        missing = [k for k in missing if is_lora_key(k)]
     if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        what = (
+            f"adapters do not match lora={lora} on this base"
+            if lora
+            else "weights do not match the model config"
         )
+        raise CheckpointError(f"{path}: {what} (missing {missing[:3]}, unexpected {unexpected[:3]})")
     meta = {"global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch"), "hyper_parameters": hp}
-    codec = hp.get("codec")
-    speakers = hp.get("speakers") or {}
-    tokenizer = tokenizer_from_checkpoint(ckpt)
+    if under is not None:
+        merge_lora(model)
+        meta["lora"] = under.meta["lora"]
+    codec = hp.get("codec") or (under.codec if under else None)
+    speakers = hp.get("speakers") or (under.speakers if under else {})
+    own_tokenizer = under is None or ckpt.get("elise_tokenizer_json")
     return Loaded(
         model.to(map_location).eval(),
-        tokenizer,
+        tokenizer_from_checkpoint(ckpt) if own_tokenizer or under is None else under.tokenizer,
         "elise",
         meta,
         codec=dict(codec) if codec else None,
@@ -353,6 +411,7 @@ __all__ = [
     "atomic_torch_save",
     "inspect_checkpoint",
     "load_model",
+    "open_resume",
     "read_checkpoint",
     "resolve_ckpt_path",
     "torch_load_checked",

@@ -130,7 +130,8 @@ def _group_of(message: str) -> str | None:
 
 def check_overrides(config_name: str, argv: list[str]) -> DictConfig:
     """Compose ``config_name`` with ``argv`` (Hydra's own flags left out) as Hydra will, and turn
-    every problem into one line and exit 2. Returns the composed config (sweeps at their first value)."""
+    every problem into one line and exit 2. Returns the composed config with its ``hydra`` node
+    (sweep overrides left out)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -153,7 +154,7 @@ def check_overrides(config_name: str, argv: list[str]) -> DictConfig:
     plain = [(o, a) for o, a in parsed if not o.is_sweep_override()]
     sweeps = [(o, a) for o, a in parsed if o.is_sweep_override()]
     try:
-        cfg = compose(config_name, [arg for _, arg in plain])
+        cfg = compose(config_name, [arg for _, arg in plain], return_hydra_config=True)
     except HydraException as err:
         message = str(err)
         missing = re.search(r"Could not override '([^']+)'", message)
@@ -273,14 +274,16 @@ def _help_line(name: str, value: Any, meaning: str) -> str:
 # ---- the entry ----------------------------------------------------------------------------------
 
 
-def claim_run_dir(config_name: str, argv: list[str]) -> list[str]:
+def claim_run_dir(config_name: str, argv: list[str], cfg: DictConfig | None = None) -> list[str]:
     """``argv`` plus ``hydra.run.dir=<a new dir>`` (``hydra.sweep.dir`` with ``-m``) when the config's
     dir is time-stamped and the user named none: created here with a plain mkdir, so two runs started
-    in the same second get ``<time>`` and ``<time>-2`` instead of sharing one."""
+    in the same second get ``<time>`` and ``<time>-2`` instead of sharing one. ``cfg``: ``argv``
+    composed with its ``hydra`` node already (``check_overrides``'), else composed here."""
     key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
     if any(a.lstrip("+").startswith(f"{key}=") for a in argv):
         return argv
-    cfg = compose(config_name, [a for a in argv if not a.startswith("-")], return_hydra_config=True)
+    if cfg is None or "hydra" not in cfg:
+        cfg = compose(config_name, [a for a in argv if not a.startswith("-")], return_hydra_config=True)
     section, name = key.split(".")[1:]
     if "${now:" not in str(cfg.hydra[section]._get_node(name)._value()):
         return argv
@@ -323,7 +326,7 @@ def main(command: str, argv: list[str] | None = None) -> Any:
             preflight(cfg)
         except UserError as err:
             exit_with(err)
-    argv = claim_run_dir(config_name, argv)
+    argv = claim_run_dir(config_name, argv, cfg)  # the config composed once before Hydra's own
     if not any(a.startswith("hydra.job.name=") for a in argv):
         argv.append(f"hydra.job.name={config_name}")  # train.log, not cli.log
     module, function = target.split(":")

@@ -72,7 +72,14 @@ def left_pad(prompts: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tens
 
 
 class FrameGenerator:
-    """Holds the caches for one batch; ``prefill`` the prompt, then ``step`` once per frame."""
+    """Holds the caches for one batch and decodes frames from backbone hidden states.
+
+    Lockstep (``generate``): ``prefill`` the left-padded prompts, then ``decode_frame`` and ``advance``
+    once per frame, every item at the same cache position. Per-row slots (the server's continuous
+    batching): ``prefill_rows`` puts prompts into rows at their own position 0, ``advance_rows`` feeds
+    each of the first n rows its frame at its own position (``lengths``), ``move_row`` packs the rows;
+    rows join and leave between frames.
+    """
 
     def __init__(self, model: CSM, batch_size: int, max_len: int, sampling: SamplingConfig, generator=None):
         p = next(model.parameters())
@@ -86,6 +93,7 @@ class FrameGenerator:
         self.device = p.device
         self.pads: Tensor | None = None
         self.h: Tensor | None = None  # [B, Db] hidden state predicting the next frame
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=p.device)  # per-row slots: positions
 
     @property
     def hidden(self) -> Tensor:
@@ -121,23 +129,30 @@ class FrameGenerator:
         )
         self.h = h[:, -1]
 
-    def decode_frame(self, h: Tensor, allow_eos: Tensor | None = None) -> Tensor:
+    def decode_frame(self, h: Tensor, allow_eos: Tensor | None = None, sampling: SamplingConfig | None = None,
+                     generator: Generators = None) -> Tensor:  # fmt: skip
         """Codebook 0 from the backbone head, then 1..31 from the depth decoder. h [B, Db] -> codes [B, 32].
 
         ``allow_eos`` [B] bool (None: all): items that may end at this frame. Sampled, an item ends
-        (an all-zero EOS frame) only when EOS is the argmax of codebook 0.
+        (an all-zero EOS frame) only when EOS is the argmax of codebook 0. ``sampling``/``generator``:
+        this call's (None: the generator's own), e.g. one group of a server's rows.
         """
         m, cache = self.model, self.decoder_cache
+        if h.shape[0] != cache.k.shape[1]:
+            cache = cache.rows(0, h.shape[0])  # fewer rows than the batch (a group of the server's rows)
+        sampling = sampling or self.sampling
+        depth = self.depth_sampling if sampling is self.sampling else sampling.depth()
+        generator = self.generator if generator is None else generator
         logits0 = m.codebook0_logits(h)[:, :CODEBOOK_SIZE].float()  # [B, 2048]
         ends = None  # [B] items whose frame is EOS (sampled: decided on the argmax)
-        if not self.sampling.greedy:
+        if not sampling.greedy:
             ends = logits0.argmax(-1) == EOS_CODE
             if allow_eos is not None:
                 ends &= allow_eos
             logits0[:, EOS_CODE] = float("-inf")  # codebook 0 of a speech frame is sampled without EOS
         elif allow_eos is not None:
             logits0[:, EOS_CODE].masked_fill_(~allow_eos, float("-inf"))
-        c0 = sample_logits(logits0, self.sampling, self.generator)  # [B]
+        c0 = sample_logits(logits0, sampling, generator)  # [B]
         if ends is not None:
             c0 = torch.where(ends, EOS_CODE, c0)
         cache.reset()
@@ -145,9 +160,9 @@ class FrameGenerator:
         out = m.decoder(m.project(x), cache=cache)[:, -1]  # [B, Dd]
         codes = torch.empty(h.shape[0], NUM_CODEBOOKS, dtype=torch.long, device=h.device)  # [B, 32]
         codes[:, 0] = c0
-        offsets, depth = self.offsets, self.depth_sampling
+        offsets = self.offsets
         for k in range(1, NUM_CODEBOOKS):
-            c = sample_logits(m.codebook_logits(out, k), depth, self.generator)  # [B]
+            c = sample_logits(m.codebook_logits(out, k), depth, generator)  # [B]
             codes[:, k] = c
             if k < NUM_CODEBOOKS - 1:
                 e = m.audio_embeddings(c + offsets[k])  # [B, Db]
@@ -156,13 +171,61 @@ class FrameGenerator:
             codes.masked_fill_(ends[:, None], EOS_CODE)  # the EOS frame
         return codes
 
-    def advance(self, codes: Tensor) -> None:
-        """Feed a generated frame [B, 32] back into the backbone (an audio row: the sum of its 32 code
-        embeddings, without building the [B, 1, 33] row and mask)."""
+    def frame_embedding(self, codes: Tensor) -> Tensor:
+        """A generated frame [B, 32] as the backbone's input row [B, 1, Db]: the sum of its 32 code
+        embeddings (an audio row, without building the [B, 1, 33] row and mask)."""
         ids = codes + self.model.audio_offsets  # [B, 32]
-        x = F.embedding_bag(ids, self.model.audio_embeddings.weight, mode="sum")[:, None]  # [B, 1, Db]
+        return F.embedding_bag(ids, self.model.audio_embeddings.weight, mode="sum")[:, None]  # [B, 1, Db]
+
+    def advance(self, codes: Tensor) -> None:
+        """Feed a generated frame [B, 32] back into the backbone (every item at the cache position)."""
+        x = self.frame_embedding(codes)
         h = self.model.backbone(x, self._positions(1), self.backbone_cache, self._key_mask(1))
         self.h = h[:, -1]
+
+    # ---- per-row slots (continuous batching) ----------------------------------------------------
+    def prefill_rows(self, start: int, prompts: list[tuple[Tensor, Tensor]]) -> None:
+        """Prompts (tokens [n_i, 33], mask [n_i, 33]) into rows ``start``.. in one backbone pass, each
+        at its own positions 0..n_i-1: right-padded, and causal attention keeps a row's padding unseen
+        (its slots are overwritten by the row's next frames). Sets those rows' hidden state and length."""
+        if self.h is None or self.h.shape[0] != self.lengths.shape[0]:
+            b, d = self.lengths.shape[0], self.model.cfg.backbone.dim
+            self.h = torch.zeros(b, d, dtype=self.backbone_cache.k.dtype, device=self.device)
+        n = len(prompts)
+        longest = max(t.shape[0] for t, _ in prompts)
+        tokens = torch.zeros(n, longest, ROW_WIDTH, dtype=torch.long)
+        mask = torch.zeros(n, longest, ROW_WIDTH, dtype=torch.bool)  # padding: fully masked rows
+        for i, (t, m) in enumerate(prompts):
+            tokens[i, : t.shape[0]], mask[i, : t.shape[0]] = t, m
+        lengths = torch.tensor([t.shape[0] for t, _ in prompts], device=self.device)  # [n]
+        x = self.model.embed_rows(tokens.to(self.device), mask.to(self.device))  # [n, S, Db]
+        h = self.model.backbone(x, None, self.backbone_cache.rows(start, start + n))  # [n, S, Db]
+        self.h[start : start + n] = h[torch.arange(n, device=self.device), lengths - 1]
+        self.lengths[start : start + n] = lengths
+
+    def advance_rows(self, codes: Tensor) -> None:
+        """Feed frame [n, 32] of rows 0..n-1, each written at its own slot ``lengths[i]``."""
+        n = codes.shape[0]
+        h_all = self.hidden
+        pos = self.lengths[:n]  # [n] the slot each row writes
+        end = int(pos.max()) + 1
+        backbone = self.model.backbone
+        x = self.frame_embedding(codes)  # [n, 1, Db]
+        cos, sin = backbone.rope(pos[:, None], 0, 1, x.dtype)  # [n, 1, 1, hd]
+        mask = (torch.arange(end, device=self.device)[None, :] <= pos[:, None])[
+            :, None, None, :
+        ]  # [n, 1, 1, end]
+        cache = self.backbone_cache
+        h = backbone.step(x, cos, sin, cache.k[:, :n, :, :end], cache.v[:, :n, :, :end], pos[:, None], mask)
+        h_all[:n] = h[:, -1]  # [n, Db]
+        self.lengths[:n] += 1
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Row ``src``'s cache, hidden state and length into row ``dst`` (packing the rows)."""
+        n, cache, h = int(self.lengths[src]), self.backbone_cache, self.hidden
+        cache.k[:, dst, :, :n] = cache.k[:, src, :, :n]
+        cache.v[:, dst, :, :n] = cache.v[:, src, :, :n]
+        h[dst], self.lengths[dst] = h[src], self.lengths[src]
 
 
 @torch.inference_mode()

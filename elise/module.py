@@ -136,8 +136,7 @@ class EliseModule(pl.LightningModule):
             self.freeze_backbone()
         self.lora = LoRAConfig.from_dict(lora) if lora else None
         if self.lora is not None:
-            add_lora(self.model, self.lora)
-            self.strict_loading = False  # its checkpoints hold the adapters, not the (frozen) base
+            add_lora(self.model, self.lora)  # its checkpoints hold the adapters, not the (frozen) base
         # train metrics cover the steps since the last log on this rank: no sync needed
         self.train_acc = PerCodebookMean(sync_on_compute=False)
         self.train_cb_loss = PerCodebookMean(sync_on_compute=False)
@@ -312,6 +311,9 @@ class EliseModule(pl.LightningModule):
                 f"the checkpoint's adapters were trained on base {saved_base['path']} (sha256 "
                 f"{saved_base['sha256'][:12]}), not init_from={base['path']} (sha256 {base['sha256'][:12]})"
             )
+        if self.lora is not None:  # the frozen base stays as init_from loaded it; the rest loads strictly
+            own = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
+            checkpoint["state_dict"] = own | dict(checkpoint["state_dict"])
         self.tokenizer_json = checkpoint.get("elise_tokenizer_json", self.tokenizer_json)
         self.tokens_seen = int(checkpoint.get("elise_tokens_seen", 0))
         self.skipped_steps, self.bad_streak = (int(v) for v in checkpoint.get("elise_nonfinite", [0, 0]))

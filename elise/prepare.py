@@ -3,7 +3,8 @@
 Large sets: ``data.store=shards`` (Arrow shards + a clip index), ``prepare.num_workers=N`` decoding
 processes, ``torchrun --nproc-per-node=K -m elise.prepare ...`` or ``prepare.shard=i
 prepare.num_shards=n`` for disjoint slices (the last slice to finish writes the index);
-``data=codes data.path=...`` indexes pre-encoded codes instead (no codec).
+``data=codes data.path=...`` indexes pre-encoded codes instead (no codec); ``data.streaming=true``
+prepares a hub audio dataset (or parquet files) from the stream, without a full download.
 
 Prints the bad-data report (also written to ``<cache_dir>/prepare_report.json``) and the cache
 folder. Training reuses the cache, so running this first is optional but lets a long encoding job

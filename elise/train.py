@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from elise.callbacks import SaveOnSigterm
-from elise.checkpoints import AtomicCheckpointIO, inspect_checkpoint, resolve_ckpt_path
+from elise.checkpoints import AtomicCheckpointIO, open_resume
 from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
@@ -243,11 +243,6 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     return callbacks
 
 
-def checkpoint_step(path: str) -> int:
-    """global_step of a checkpoint (memory-mapped: the weights are not read)."""
-    return int(inspect_checkpoint(path).get("global_step", 0))
-
-
 def build_loggers(cfg: DictConfig, run_dir: Path, resume_step: int | None = None) -> list:
     loggers = []
     for node in (cfg.get("logger") or {}).values():
@@ -316,7 +311,12 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         datamodule.prepare_data()
     module = build_module(cfg, model_cfg, tokenizer, tokenizer_spec, loaded, datamodule)
     del loaded
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    resumed = open_resume(cfg.get("ckpt_path"), run_dir)  # the one read of the checkpoint file
+    ckpt_path, start_step = (resumed[0], int(resumed[1].get("global_step", 0))) if resumed else (None, 0)
+    checkpoint_io = AtomicCheckpointIO()  # tmp file + fsync + rename
+    if resumed:
+        schedule_follows_max_steps(resumed[1], int(cfg.trainer.max_steps))
+        checkpoint_io.hold(*resumed)
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     voice_eval = None
     if cfg.get("voice_eval") and cfg.get("init_from"):
@@ -331,14 +331,11 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         cfg.trainer,
         _convert_="all",
         callbacks=all_callbacks,
-        logger=build_loggers(cfg, run_dir, checkpoint_step(ckpt_path) if ckpt_path else None) or False,
+        logger=build_loggers(cfg, run_dir, start_step if ckpt_path else None) or False,
         default_root_dir=str(run_dir),
         use_distributed_sampler=False,  # the batch sampler is rank-aware already
-        plugins=[AtomicCheckpointIO()],  # tmp file + fsync + rename
+        plugins=[checkpoint_io],
     )
-    start_step = checkpoint_step(ckpt_path) if ckpt_path else 0
-    if ckpt_path:
-        warn_longer_schedule(ckpt_path, int(cfg.trainer.max_steps))
     try:
         with ctrl_c_stops_at_step_end(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -408,16 +405,35 @@ def summary(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path, metrics: dict[s
     return "\n".join(lines)
 
 
-def warn_longer_schedule(ckpt_path: str, max_steps: int) -> None:
-    """Resuming with a larger ``trainer.max_steps`` keeps the checkpoint's learning-rate schedule: say so."""
-    hparams = inspect_checkpoint(ckpt_path).get("hyper_parameters") or {}
-    old = int(hparams.get("total_steps", max_steps))
-    if max_steps > old:
-        log.warning(
-            "trainer.max_steps=%d but the resumed run's schedule ends at step %d: the learning-rate "
-            "schedule is the old one (steps after %d run at optim.min_lr); start a new schedule with "
-            "init_from=%s",
-            max_steps, old, old, ckpt_path,
+def schedule_follows_max_steps(checkpoint: dict[str, Any], max_steps: int) -> None:
+    """Resuming with another ``trainer.max_steps``: the cosine schedule ends at the new ``max_steps``.
+
+    The checkpoint's scheduler state (which Lightning restores) gets the new end, and its optimizer
+    state the learning rate of the next step under it; the log says so with the rates."""
+    from elise.optim import WarmupCosine
+
+    pairs = zip(checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or [], strict=False)
+    for opt_state, scheduler in pairs:
+        lambdas = scheduler.get("lr_lambdas") or []
+        if not lambdas or not all(isinstance(lam, dict) and "total" in lam for lam in lambdas):
+            continue  # not elise's WarmupCosine
+        old_total = int(lambdas[0]["total"])
+        if old_total == max_steps:
+            continue
+        at = int(scheduler["last_epoch"])  # the next optimizer step's index
+        was = [float(group["lr"]) for group in opt_state["param_groups"]]
+        for lam in lambdas:
+            lam["total"] = max_steps
+        lrs = [
+            float(b) * WarmupCosine(**lam)(at) for b, lam in zip(scheduler["base_lrs"], lambdas, strict=True)
+        ]
+        for group, lr in zip(opt_state["param_groups"], lrs, strict=True):
+            group["lr"] = lr
+        scheduler["_last_lr"] = lrs
+        log.info(
+            "resuming at step %d with trainer.max_steps=%d: the learning-rate schedule now ends at step %d "
+            "(the checkpoint's ended at %d); lr %.3g -> %.3g for the next step",
+            at, max_steps, max_steps, old_total, was[0], lrs[0],
         )  # fmt: skip
 
 

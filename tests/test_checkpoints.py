@@ -172,3 +172,53 @@ def test_check_codec_defaults_to_recorded_and_warns_on_a_different_one():
     assert "\n" not in warning
     name, warning = check_codec(None, "mimi_random")  # an older checkpoint: what was asked, said once
     assert name == "mimi_random" and "does not record its codec" in warning
+
+
+def test_weights_sha256_hashes_once_per_path_size_and_mtime(tmp_path, monkeypatch):
+    """A LoRA base is hashed at every load of its checkpoints: the hash is cached by the files' path,
+    size and mtime, in memory and in ``$ELISE_CACHE_DIR/weights_sha256.json`` (a new process)."""
+    import hashlib
+    import json
+
+    from elise import checkpoints
+
+    monkeypatch.setenv("ELISE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoints, "_SHA_CACHE", {})
+    reads = []
+    real = hashlib.sha256
+    monkeypatch.setattr(checkpoints.hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+    base = tmp_path / "base.ckpt"
+    base.write_bytes(b"weights one")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"tensors")
+    folder_sha = real(b"config.json\0{}model.safetensors\0tensors").hexdigest()
+
+    assert checkpoints.weights_sha256(base) == real(b"weights one").hexdigest()
+    assert checkpoints.weights_sha256(folder) == folder_sha
+    assert len(reads) == 2
+    assert checkpoints.weights_sha256(base) == real(b"weights one").hexdigest()
+    assert checkpoints.weights_sha256(folder) == folder_sha and len(reads) == 2  # in memory
+    checkpoints._SHA_CACHE.clear()  # a new process: the file on disk answers
+    assert checkpoints.weights_sha256(str(base)) == real(b"weights one").hexdigest() and len(reads) == 2
+    assert len(json.loads((tmp_path / "cache" / "weights_sha256.json").read_text())) == 2
+
+    mtime = base.stat().st_mtime_ns
+    base.write_bytes(b"weights two")  # same size, new bytes
+    os.utime(base, ns=(mtime + 10**9, mtime + 10**9))
+    assert checkpoints.weights_sha256(base) == real(b"weights two").hexdigest() and len(reads) == 3
+    (folder / "model.safetensors").write_bytes(b"tensors, more")
+    assert checkpoints.weights_sha256(folder) != folder_sha and len(reads) == 4
+
+
+def test_a_read_only_cache_dir_still_hashes(tmp_path, monkeypatch):
+    from elise import checkpoints
+
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("ELISE_CACHE_DIR", str(tmp_path / "file" / "cache"))  # cannot be created
+    monkeypatch.setattr(checkpoints, "_SHA_CACHE", {})
+    (tmp_path / "w.ckpt").write_bytes(b"w")
+    import hashlib
+
+    assert checkpoints.weights_sha256(tmp_path / "w.ckpt") == hashlib.sha256(b"w").hexdigest()

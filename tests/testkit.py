@@ -98,3 +98,20 @@ def record_bases(monkeypatch) -> list:
 
     monkeypatch.setattr(runtime, "load_model", spy)
     return seen
+
+
+def same_result(a, b, counts: bool = True) -> None:
+    """Two ``PreparedData`` hold the same kept clips (ids, texts, text ids, frames, splits, speakers),
+    the same codes and the same report counts (``counts``: encoded + cached too)."""
+    import numpy as np
+
+    key = [(e.id, e.text, e.text_ids, e.frames, e.split, e.speaker) for e in a.examples]
+    assert key == [(e.id, e.text, e.text_ids, e.frames, e.split, e.speaker) for e in b.examples]
+    codes_a = {e.id: e.load_codes().numpy() for e in a.examples}
+    codes_b = {e.id: e.load_codes().numpy() for e in b.examples}
+    assert codes_a.keys() == codes_b.keys()
+    assert all(np.array_equal(codes_a[i], codes_b[i]) for i in codes_a)
+    for name in ("total", "kept", "train", "val", "hours", "skipped", "items", "speakers", "speaker_clips"):
+        assert a.report[name] == b.report[name], name
+    if counts:
+        assert a.report["encoded"] + a.report["cached"] == b.report["encoded"] + b.report["cached"]

@@ -56,3 +56,34 @@ class Codec(nn.Module, ABC):
         """
         with torch.no_grad():
             yield self.decode
+
+    @contextmanager
+    def row_decoder(self, rows: int) -> Iterator[RowDecoder]:
+        """Yields a ``RowDecoder`` of ``rows`` independent streams (a server's sequences): each call
+        decodes only the rows given. The default decodes each chunk independently (one batch); codecs
+        with state (Mimi) keep one stream per row."""
+        with torch.no_grad():
+            yield RowDecoder(self.decode)
+
+
+class RowDecoder:
+    """Independent decoding streams, one per row: ``decode({row: codes [32, t]})`` -> ``{row: wav
+    [t * samples_per_frame]}`` for the rows given (only those are computed); ``reset(row)`` starts
+    the row's stream afresh (a new piece). This one is stateless: one batched decode per call."""
+
+    def __init__(self, decode: Callable[[Tensor], Tensor]):
+        self._decode = decode
+
+    def reset(self, row: int) -> None:
+        pass
+
+    def decode(self, chunks: dict[int, Tensor]) -> dict[int, Tensor]:
+        if not chunks:
+            return {}
+        t = max(c.shape[1] for c in chunks.values())
+        codes = torch.zeros(len(chunks), next(iter(chunks.values())).shape[0], t, dtype=torch.long)
+        for b, c in enumerate(chunks.values()):
+            codes[b, :, : c.shape[1]] = c  # shorter chunks padded (and the padding's audio cut off)
+        wav = self._decode(codes)  # [B, 1, t * spf]
+        spf = wav.shape[-1] // t
+        return {row: wav[b, 0, : c.shape[1] * spf] for b, (row, c) in enumerate(chunks.items())}

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from elise.codec.base import Codec, CodecUnavailable
+from elise.codec.base import Codec, CodecUnavailable, RowDecoder
 from elise.codec.common import check_codes, check_wav, frames_from_lengths, pad_to_frames
 
 if TYPE_CHECKING:  # moshi is imported lazily at run time (only the Mimi codecs need it)
@@ -47,7 +47,6 @@ class MimiCodec(Codec):
     ):
         super().__init__()
         self.model = model.float().eval()
-        self._streaming: list[Any] = []  # the decoder parts streaming now (streaming_decoder)
         self.num_codebooks = int(model.num_codebooks)
         self.batch_size = max(1, int(batch_size))
         self.random_weights = random_weights
@@ -94,24 +93,70 @@ class MimiCodec(Codec):
                 raise ValueError(f"streaming decoder opened for batch {batch_size}, got {codes.shape[0]}")
             return self.model.decode(codes.to(self.device)).to(codes.device)  # [B, 1, t * 1920]
 
-        # only the decoding side streams: moshi's model-wide streaming state would also take over the
-        # encoder, and a server encodes uploaded voices while its streaming decoder stays open
-        m = self.model
-        parts = [x for x in (getattr(m, "upsample", None), m.decoder_transformer, m.decoder) if x is not None]
-        roots: list[Any] = [root for part in parts for root in _streaming_roots(part)]
+        roots = self._decoding_roots()
         with torch.no_grad(), contextlib.ExitStack() as stack:
             for root in roots:
                 stack.enter_context(root.streaming(batch_size))
-            self._streaming = roots
-            try:
-                yield step
-            finally:
-                self._streaming = []
+            yield step
 
-    def reset_streaming_rows(self, rows: Tensor) -> None:
-        """Fresh decoder state for the rows set in ``rows`` [B] bool of the open streaming decoder."""
-        for root in self._streaming:
-            root.reset_streaming(rows)
+    def _decoding_roots(self) -> list[Any]:
+        """The streaming modules of the decoding side: only it streams (moshi's model-wide streaming
+        state would also take over the encoder, and a server encodes uploaded voices while its
+        decoder streams stay open)."""
+        m = self.model
+        parts = [x for x in (getattr(m, "upsample", None), m.decoder_transformer, m.decoder) if x is not None]
+        return [root for part in parts for root in _streaming_roots(part)]
+
+    @contextmanager
+    def row_decoder(self, rows: int) -> Iterator[RowDecoder]:
+        """``rows`` streams of batch 1 (moshi's state of each streaming module, swapped in per call), so a
+        call decodes only the rows that have frames, not every row of a fixed batch."""
+        roots = self._decoding_roots()
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            states = []
+            for _ in range(rows):
+                for root in roots:
+                    stack.enter_context(root.streaming(1))
+                states.append([root.get_streaming_state() for root in roots])
+                _detach(roots, states[-1])
+            yield MimiRows(self, roots, states)
+
+
+class MimiRows(RowDecoder):
+    """Mimi's row decoder: one batch-1 streaming state per row; a call runs the given rows one by one
+    (each with its own state in place), then detaches the states (a plain ``decode`` stays plain)."""
+
+    def __init__(self, codec: MimiCodec, roots: list[Any], states: list[list[dict[str, Any]]]):
+        super().__init__(codec.decode)
+        self.codec, self.roots, self.states = codec, roots, states
+
+    def reset(self, row: int) -> None:
+        _attach(self.roots, self.states[row])
+        try:
+            for root in self.roots:
+                root.reset_streaming()
+        finally:
+            _detach(self.roots, self.states[row])
+
+    def decode(self, chunks: dict[int, Tensor]) -> dict[int, Tensor]:
+        out = {}
+        for row, codes in chunks.items():
+            _attach(self.roots, self.states[row])
+            try:
+                out[row] = self.codec.decode(codes[None])[0, 0]  # [t * 1920]
+            finally:
+                _detach(self.roots, self.states[row])
+        return out
+
+
+def _attach(roots: list[Any], states: list[dict[str, Any]]) -> None:
+    for root, state in zip(roots, states, strict=True):
+        root.set_streaming_state(state)
+
+
+def _detach(roots: list[Any], states: list[dict[str, Any]]) -> None:
+    for root, state in zip(roots, states, strict=True):
+        root.set_streaming_state(dict.fromkeys(state))
 
 
 def _streaming_roots(module: torch.nn.Module) -> list[torch.nn.Module]:

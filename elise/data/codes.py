@@ -9,7 +9,8 @@
   and hub data become its Arrow cache files, which are then read in place);
 - ``data.streaming=true`` with a hub id (or Parquet folder): rows are streamed and written to Arrow
   files of ``data.shard_mb`` MB under ``data.cache_dir`` as they come (no full download); a
-  killed run resumes after the last whole file.
+  killed run resumes after the last whole file, and a finished stream (``complete.json``) is not
+  read again.
 
 The codes column (``data.codes_column``, default: the first of codes, audio_codes, mimi_codes) holds
 nested integer lists of shape [32, T] or [T, 32] (``data.codes_layout`` kt / tk; auto tells them
@@ -17,9 +18,9 @@ apart by which side is 32, and takes [32, T] when both are), or int16 bytes of [
 The text column is ``text``; optional: ``id``, ``speaker`` (or speaker_id / speaker_name), ``group``.
 
 Preparation here is building the clip index (``elise.data.shards``): frames per clip from the
-column's list lengths (no codes are read), text ids, the train/val split (the seeded id hash of
-``elise.data.prepare.assign_splits``) and the report (kept, skipped: empty_text,
-unspeakable_text, untokenizable_text, too_short, too_long).
+column's list lengths (no codes are read), text ids, the train/val split (``elise.data.split``
+over the kept clips, as preparation splits) and the report (kept, skipped: the text checks of
+``elise.data.checks`` (empty_text, unspeakable_text, untokenizable_text), too_short, too_long).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,17 +37,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from elise.data.checks import REASONS, Skip, check_text, text_ids
 from elise.data.items import Example, PreparedData
-from elise.data.prepare import REASONS, _unit_hash, _write_json, data_settings, print_report
+from elise.data.prepare import data_settings
+from elise.data.report import print_report, write_json
 from elise.data.shards import INDEX_SCHEMA, ClipIndex, read_ipc, write_index, write_ipc
 from elise.data.sources import speaker_map
+from elise.data.split import split_scores, val_mask
 from elise.layout import NUM_CODEBOOKS
 from elise.text import ByteTokenizer, Tokenizer, encode_prompt, format_prompt
 
 CODES_COLUMNS = ("codes", "audio_codes", "mimi_codes")
 SPEAKER_COLUMNS = ("speaker", "speaker_id", "speaker_name")
 FRAME_RATE = 12.5  # Mimi frames per second
-_ALNUM = re.compile(r"[^\W_]")  # a letter or digit (str.isalnum)
 
 
 def codes_index_path(data_cfg: Mapping[str, Any] | Any, tokenizer: Tokenizer) -> Path:
@@ -91,8 +93,14 @@ def prepare_codes(
         builder.batches(),
         lambda: builder.meta(time.perf_counter() - start, str(path)) | {"stamps": current},
     )
-    report = json.loads(side.read_text(encoding="utf-8"))["report"]
-    _write_json(cache / "prepare_report.json", report)
+    meta = json.loads(side.read_text(encoding="utf-8"))
+    if builder.moved is not None:  # the split of the whole set differs from the per-id rule: fix the rows
+        table = read_ipc(out)
+        column = pa.array(builder.moved, pa.bool_())
+        table = table.set_column(table.schema.get_field_index("val"), "val", column)
+        write_index(out, table.to_batches(), meta)
+    report = meta["report"]
+    write_json(cache / "prepare_report.json", report)
     if progress:
         print_report(report)
     return PreparedData([], report, cache, out)
@@ -159,11 +167,17 @@ def _load(path: str, cfg: dict, streaming: bool = False) -> Any:
 
 def _stream_to_files(path: str, cfg: dict) -> list[str]:
     """Stream the rows into ``<cache_dir>/streamed-<hash>/part-<n>.arrow`` files; resumes after the
-    last whole file (each holds the rows that follow the previous ones)."""
-    folder = (
-        Path(cfg["cache_dir"]).expanduser() / f"streamed-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
-    )
+    last whole file (each holds the rows that follow the previous ones). ``complete.json`` records a
+    finished stream: later runs use its files without opening the stream."""
+    split = cfg.get("split") or "train"
+    name = hashlib.sha256(f"{path}|{split}".encode()).hexdigest()[:12]
+    folder = Path(cfg["cache_dir"]).expanduser() / f"streamed-{name}"
     folder.mkdir(parents=True, exist_ok=True)
+    complete = folder / "complete.json"
+    if complete.is_file():
+        parts = json.loads(complete.read_text(encoding="utf-8"))["parts"]
+        if all((folder / f).is_file() for f in parts):
+            return [str(folder / f) for f in parts]
     done = sorted(folder.glob("part-*.arrow"))
     skip = sum(read_ipc(f).num_rows for f in done)
     stream = _load(path, cfg, streaming=True).skip(skip)
@@ -178,6 +192,7 @@ def _stream_to_files(path: str, cfg: dict) -> list[str]:
             rows, size = [], 0
     if rows:
         done.append(_write_part(folder, len(done), rows))
+    write_json(complete, {"path": path, "split": split, "parts": [f.name for f in done]})
     return [str(f) for f in done]
 
 
@@ -223,7 +238,9 @@ def _frames_and_layout(col: pa.ChunkedArray, layout: str) -> tuple[np.ndarray, s
 
 
 class _IndexBuilder:
-    """Two passes over the files: ids (split hash) first, then one index batch per file."""
+    """One pass over the files, one index batch per file; ``moved`` afterwards: the whole val column
+    when the split of the kept ids (``elise.data.split.val_mask``) is not the per-id rule the batches
+    were written with (``val_count``, or the at-least-one-val guarantee), else None."""
 
     def __init__(self, cfg: dict, tokenizer: Tokenizer, files: list[str]):
         self.cfg, self.tokenizer, self.files = cfg, tokenizer, files
@@ -242,7 +259,10 @@ class _IndexBuilder:
             left = None if left is None else left - n
             self.sizes.append(n)
         self.speakers = speaker_map(list(self._speaker_names()))
-        self.val_below = self._val_threshold()
+        self.kept_ids: list[str] = []
+        self.scores: list[np.ndarray] = []  # split hash of the kept ids, per batch
+        self.written: list[np.ndarray] = []  # the val column as written, per batch
+        self.moved: np.ndarray | None = None
 
     def _table(self, i: int) -> pa.Table:
         return read_ipc(self.files[i]).slice(0, self.sizes[i])
@@ -264,21 +284,6 @@ class _IndexBuilder:
                         seen.add(str(v))
                         yield str(v)
 
-    def _val_threshold(self) -> float:
-        """Split score below which an id is val: ``data.val_fraction``, or ``val_count`` smallest."""
-        seed, count = self.cfg["split_seed"], self.cfg.get("val_count")
-        if count is None:
-            return float(self.cfg["val_fraction"])
-        scores = np.concatenate(
-            [
-                np.array([_unit_hash(f"{seed}:{x}") for x in self._ids(i, self._table(i))])
-                for i in range(len(self.files))
-            ]
-            or [np.zeros(0)]
-        )
-        count = min(max(int(count), 0), max(len(scores) - 1, 0))
-        return float(np.sort(scores)[count - 1]) + 1e-12 if count else 0.0
-
     def batches(self) -> Iterator[pa.RecordBatch]:
         cfg = self.cfg
         lo, hi = float(cfg["min_seconds"]) * FRAME_RATE, float(cfg["max_seconds"]) * FRAME_RATE
@@ -291,7 +296,7 @@ class _IndexBuilder:
             spk_col = next((c for c in SPEAKER_COLUMNS if c in table.column_names), None)
             names = table.column(spk_col).to_pylist() if spk_col else [None] * len(ids)
             groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(ids)
-            keep, prompts, speakers, norm = [], [], [], []
+            keep, speakers, norm = [], [], []
             for r, (text, n) in enumerate(zip(texts, frames.tolist(), strict=True)):
                 text = " ".join(text.split()) if isinstance(text, str) else ""
                 reason = self._check(text, n, lo, hi)
@@ -302,8 +307,7 @@ class _IndexBuilder:
                 keep.append(r)
                 norm.append(text)
                 speakers.append(speaker)
-                prompts.append(format_prompt(text, speaker))
-            token_ids = self._encode(prompts)  # [n] lists, or a ListArray when every prompt encoded
+            token_ids = self._encode(norm, speakers)  # [n] lists, or a ListArray when every prompt encoded
             if not isinstance(token_ids, pa.ListArray):
                 good = [k for k, t in enumerate(token_ids) if not isinstance(t, tuple)]
                 for k, t in enumerate(token_ids):
@@ -322,21 +326,24 @@ class _IndexBuilder:
         self.items.append({"id": item_id, "reason": reason[0], "detail": reason[1]})
 
     def _check(self, text: str, frames: int, lo: float, hi: float) -> tuple[str, str] | None:
-        if not text:
-            return "empty_text", "no text"
-        if not _ALNUM.search(text):
-            return "unspeakable_text", f"no letter or digit in {text[:40]!r}"
+        try:
+            check_text(text)  # the checks of preparation (elise.data.checks)
+        except Skip as skip:
+            return skip.reason, skip.detail
         if frames < lo:
             return "too_short", f"{frames / FRAME_RATE:.2f} s < {self.cfg['min_seconds']} s"
         if frames > hi:
             return "too_long", f"{frames / FRAME_RATE:.2f} s > {self.cfg['max_seconds']} s"
         return None
 
-    def _encode(self, prompts: list[str]) -> pa.ListArray | list[list[int] | tuple[str, str]]:
-        """Token ids of each prompt. The byte tokenizer's are computed on the whole column at once
-        (the same ids as ``ByteTokenizer.encode``); otherwise one prompt at a time, where a prompt
-        the tokenizer cannot take is (reason, detail)."""
+    def _encode(
+        self, texts: list[str], speakers: list[int]
+    ) -> pa.ListArray | list[list[int] | tuple[str, str]]:
+        """Token ids of each prompt ``[speaker]text``. The byte tokenizer's are computed on the whole
+        column at once (the same ids as ``ByteTokenizer.encode``); otherwise one prompt at a time
+        (``elise.data.checks.text_ids``), where a prompt that fails a check is (reason, detail)."""
         if type(self.tokenizer) is ByteTokenizer:
+            prompts = [format_prompt(t, k) for t, k in zip(texts, speakers, strict=True)]
             try:
                 arr = pa.array(prompts, pa.string())
             except (pa.ArrowException, UnicodeError):
@@ -358,29 +365,26 @@ class _IndexBuilder:
                 flat[new[:-1]] = tok.bos_id
                 flat[new[1:] - 1] = tok.eos_id
                 return pa.ListArray.from_arrays(pa.array(new.astype(np.int32)), pa.array(flat))
-        vocab = getattr(self.tokenizer, "vocab_size", None)
         out: list[list[int] | tuple[str, str]] = []
-        for prompt in prompts:
+        for text, speaker in zip(texts, speakers, strict=True):
             try:
-                ids = self.tokenizer.encode(prompt)
-            except Exception as err:  # tokenizers raise various types on input they cannot take
-                out.append(("untokenizable_text", f"{type(err).__name__}: {err}"[:200]))
-                continue
-            if not ids or (vocab is not None and max(ids) >= vocab):
-                out.append(("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary"))
-            else:
-                out.append(ids)
+                out.append(text_ids(self.tokenizer, text, speaker))
+            except Skip as skip:
+                out.append((skip.reason, skip.detail))
         return out
 
     def _batch(self, i, keep, ids, texts, groups, token_ids, speakers, frames) -> pa.RecordBatch:
-        seed = self.cfg["split_seed"]
         keep_a = np.asarray(keep, dtype=np.int64)
         kept_ids = [ids[r] for r in keep]
-        val = np.array([_unit_hash(f"{seed}:{x}") < self.val_below for x in kept_ids], dtype=bool)
+        scores = split_scores(kept_ids, self.cfg["split_seed"])  # [n]
+        # the per-id rule (val_fraction); the whole set's rule is applied in meta()
+        val = scores < float(self.cfg["val_fraction"]) if self.cfg.get("val_count") is None else scores < 0
+        self.kept_ids += kept_ids
+        self.scores.append(scores)
+        self.written.append(val)
         fr = frames[keep_a].astype(np.int32)
         n_ids = np.diff(token_ids.offsets.to_numpy())
         self.kept += len(keep)
-        self.val += int(val.sum())
         self.seconds += float(fr.sum()) / FRAME_RATE
         name = Path(self.files[i]).name
         cols = {
@@ -401,6 +405,12 @@ class _IndexBuilder:
 
     def meta(self, secs: float, where: str) -> dict:
         """The index's side file (after ``batches``): files, codes column, layout, report."""
+        cfg = self.cfg
+        scores = np.concatenate(self.scores or [np.zeros(0)])
+        written = np.concatenate(self.written or [np.zeros(0, dtype=bool)])
+        val = val_mask(self.kept_ids, scores, cfg["val_fraction"], cfg.get("val_count"))
+        self.val = int(val.sum())
+        self.moved = None if np.array_equal(val, written) else val
         files = [os.path.abspath(f) for f in self.files]
         report = self.report(secs, where)
         return {"files": files, "column": self.column or "codes", "layout": self.layout, "report": report}

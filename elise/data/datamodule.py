@@ -17,6 +17,7 @@ Lightning wiring (checked against lightning 2.6):
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -119,7 +120,8 @@ class EliseDataModule(pl.LightningDataModule):
         else:
             from elise.data.prepare import find_index
 
-            path = self.index_file or find_index(self.data_cfg, self._codec(), self.tokenizer)
+            path = self.index_file or self._recall_index()
+            path = path or find_index(self.data_cfg, self._codec(), self.tokenizer)
         assert path is not None
         if not path.with_suffix(".json").is_file():  # setup without prepare_data (tests, notebooks)
             path = self._prepare(progress=False).index
@@ -129,13 +131,31 @@ class EliseDataModule(pl.LightningDataModule):
         self._report = dict(index.meta.get("report") or {})
         return True
 
+    def _pointer(self) -> Path:
+        from elise.data.prepare import index_pointer
+
+        return index_pointer(self.data_cfg, dict(self.codec_cfg or {}), self.tokenizer)
+
+    def _recall_index(self) -> Path | None:
+        """The index this node's ``prepare_data`` wrote (named in ``index_pointer``), or None."""
+        pointer = self._pointer()
+        if not pointer.is_file():
+            return None
+        index = pointer.parent / json.loads(pointer.read_text(encoding="utf-8"))["index"]
+        return index if index.with_suffix(".json").is_file() else None
+
     def prepare_data(self) -> None:
         """Encode and cache (once per process: a second call, Lightning's after train.py's, does nothing).
-        State set here would not reach other ranks; ``setup`` reads the cache."""
+        State set here would not reach other ranks; ``setup`` reads the cache (the shard store's
+        index through ``index_pointer``, so other ranks need not build the codec)."""
         if not self.cache_ready:
             prepared = self._prepare(progress=True)
             self._report = prepared.report
             self.index_file = prepared.index
+            if prepared.index is not None and self.data_cfg.get("source") != "codes":
+                from elise.data.report import write_json
+
+                write_json(self._pointer(), {"index": prepared.index.name})
             if self.context.active:  # ContextError now, before the model is built
                 self._planner(prepared.split("train"))
             self.cache_ready = True

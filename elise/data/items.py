@@ -39,7 +39,8 @@ class Example:
         from elise.data.shards import read_codes
 
         column, layout = self.codes_format.split(":")
-        return torch.from_numpy(read_codes(self.codes_path, self.row, column, layout).astype(np.int64))
+        codes = read_codes(self.codes_path, self.row, column, layout)  # a view of the file
+        return torch.from_numpy(np.array(codes, dtype=np.int64))  # the one copy
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,29 +23,16 @@ from elise.codec.base import Codec
 from elise.config import conf_defaults, group_options
 from elise.data.audio import TARGET_SR, AudioError
 from elise.data.cache import AudioInfo, CodeCache, decode_job, source_fingerprint
+from elise.data.checks import Skip
+from elise.data.checks import text_ids as check_text_ids
 from elise.data.items import Example, PreparedData
-from elise.data.load import load_items
+from elise.data.load import list_items
+from elise.data.report import prepare_report, print_report, write_json
 from elise.data.shards import ShardStore, index_batch, write_index
-from elise.data.sources import RawItem, speaker_id, speaker_map
+from elise.data.sources import RawItem, speaker_id
+from elise.data.split import assign_splits
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
-
-REASONS = (
-    "bad_metadata",
-    "duplicate_id",
-    "empty_text",
-    "unspeakable_text",
-    "untokenizable_text",
-    "missing_file",
-    "unreadable_audio",
-    "empty_audio",
-    "silent_audio",
-    "too_short",
-    "too_long",
-)
-
-
-UNNAMED_SPEAKER = "(no speaker: id 0)"
 
 # Clips are collected for this many codec batches, then sorted by length and encoded (less padding).
 ENCODE_WINDOW = 8
@@ -54,12 +40,6 @@ ENCODE_WINDOW = 8
 
 class BadItem(ValueError):
     """Strict mode: the first bad item (message: ``<id>: <reason> (<detail>)``)."""
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
 
 
 def data_settings(data_cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
@@ -106,15 +86,16 @@ def prepare(
     shard, num_shards = int(shard), int(num_shards)
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"prepare.shard must be in [0, prepare.num_shards), got {shard} of {num_shards}")
-    items = load_items(cfg)
+    listing = list_items(cfg)
     settings = f"sr={codec.sample_rate}|nq={codec.num_codebooks}"
     cache = open_store(
         cfg, codec.identity, settings, writer="w0" if num_shards == 1 else f"s{shard}of{num_shards}"
     )
-    speakers = speaker_map([it.speaker for it in items if it.error is None])
+    speakers = listing.speakers
     run = _Run(cfg, codec, tokenizer, cache, speakers, strict or bool(cfg["strict"]))
-    mine = [(n, it) for n, it in enumerate(items) if n % num_shards == shard]
-    with _progress_bar(progress, len(mine)) as advance, _decoder(num_workers) as decode:
+    mine = ((n, it) for n, it in enumerate(listing.items) if n % num_shards == shard)
+    total = None if listing.total is None else len(range(shard, listing.total, num_shards))
+    with _progress_bar(progress, total) as advance, _decoder(num_workers) as decode:
         run.process(mine, decode, advance)
     part = run.part()
     name = dataset_name(cfg, codec.identity, settings, tokenizer)
@@ -170,10 +151,27 @@ def find_index(data_cfg: Mapping[str, Any] | Any, codec: Codec | None, tokenizer
     return index_path(cfg["cache_dir"], dataset_name(cfg, codec.identity, settings, tokenizer))
 
 
+def index_pointer(
+    data_cfg: Mapping[str, Any] | Any, codec_cfg: Mapping[str, Any], tokenizer: Tokenizer
+) -> Path:
+    """A file naming the clip index of this data prepared with the codec ``codec_cfg`` describes
+    (name + settings, runtime keys dropped): a training rank finds the index its node's
+    ``prepare_data`` wrote without building the codec (``find_index`` needs the built codec's
+    identity, which for Mimi means loading its weights)."""
+    from elise.codec import RUNTIME_KEYS
+
+    cfg = data_settings(data_cfg)
+    codec = {k: v for k, v in dict(codec_cfg).items() if k not in RUNTIME_KEYS or k == "name"}
+    probe = encode_prompt(tokenizer, "Probe: the quick brown fox, 0123 \u00e9\u00df.", 0)
+    spec = {k: cfg.get(k) for k in ITEM_KEYS} | {"codec": codec, "tok": probe}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cfg["cache_dir"]).expanduser() / f"index-for-{key}.json"
+
+
 def _exchange_parts(folder: Path, name: str, shard: int, num_shards: int, part: dict) -> list[dict] | None:
     """Write this slice's part; all parts when every slice has written its own, else None."""
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / f"{name}-{shard}.json", part)
+    write_json(folder / f"{name}-{shard}.json", part)
     paths = [folder / f"{name}-{i}.json" for i in range(num_shards)]
     if not all(p.is_file() for p in paths):
         return None
@@ -229,7 +227,7 @@ def _finish(
         for r in kept
     ]
     counts = {k: sum(p[k] for p in parts) for k in ("encoded", "cached")}
-    report = _report(cfg, kept, skipped, examples, counts, speakers, codec, cache, secs)
+    report = prepare_report(cfg, kept, skipped, examples, counts, speakers, codec.identity, cache.root, secs)
     if shards:
         files = sorted({r["file"] for r in kept})
         number = {f: i for i, f in enumerate(files)}
@@ -240,7 +238,7 @@ def _finish(
         index = index_path(cache.root, name)
         batches = (index_batch(rows[i : i + 65536]) for i in range(0, len(rows), 65536))
         write_index(index, batches, {"files": [f"shards/{f}" for f in files], "report": report})
-    _write_json(cache.root / "prepare_report.json", report)
+    write_json(cache.root / "prepare_report.json", report)
     if progress:
         print_report(report)
     return PreparedData(examples, report, cache.root, index if shards else None)
@@ -267,14 +265,17 @@ class _Run:
         self.cached = 0
         self.batch_size = max(1, int(getattr(codec, "batch_size", 8) or 8))
 
-    def process(self, items: list[tuple[int, RawItem]], decode: Callable, advance: Callable) -> None:
-        """All items: checks and cache lookups here, decoding by ``decode`` (a map over jobs, in
-        order), encoding in windows of ``ENCODE_WINDOW`` batches."""
+    def process(self, items: Iterable[tuple[int, RawItem]], decode: Callable, advance: Callable) -> None:
+        """All items (a list or a stream, read once): checks and cache lookups here, decoding by
+        ``decode`` (a map over jobs, in order), encoding in windows of ``ENCODE_WINDOW`` batches.
+        Items are taken a chunk at a time, so a stream's audio is held one chunk at a time."""
         chunk = self.batch_size * ENCODE_WINDOW
         done = 0
-        for start in range(0, len(items), chunk):
+        stream = iter(items)
+        while batch := list(itertools.islice(stream, chunk)):
             first = len(self.records)
-            begun = [self._begin(n, item) for n, item in items[start : start + chunk]]
+            begun = [self._begin(n, item) for n, item in batch]
+            del batch
             need = [b for b in begun if b is not None and b["job"] is not None]
             for b, result in zip(need, decode([b["job"] for b in need]), strict=True):
                 b["decoded"] = result
@@ -294,7 +295,7 @@ class _Run:
     def _guard(self, n: int, item: RawItem, step: Callable, *args: Any) -> Any:
         try:
             return step(*args)
-        except _Skip as skip:
+        except Skip as skip:
             self._skip(n, item.id, skip.reason, skip.detail)
         except (AudioError, OSError) as err:
             self._skip(n, item.id, "unreadable_audio", one_line(err))
@@ -317,12 +318,12 @@ class _Run:
     def _start(self, n: int, item: RawItem) -> dict:
         text = " ".join(item.text.split())
         speaker = speaker_id(item.speaker, self.speakers)
-        text_ids = self._text_ids(text, speaker)
+        text_ids = check_text_ids(self.tokenizer, text, speaker)
         if item.audio is None:
-            raise _Skip("missing_file", "no audio")
+            raise Skip("missing_file", "no audio")
         src = item.audio() if callable(item.audio) else item.audio
         if isinstance(src, Path) and not src.is_file():
-            raise _Skip("missing_file", str(src))
+            raise Skip("missing_file", str(src))
         fingerprint = source_fingerprint(src)
         info = self.cache.audio_index.get(fingerprint)
         if info is not None:
@@ -347,7 +348,7 @@ class _Run:
         if b["job"] is not None:
             result = b["decoded"]
             if isinstance(result[0], str):
-                raise _Skip(*result)
+                raise Skip(*result)
             wav, decoded = result
             if info is None:
                 info = decoded
@@ -376,30 +377,13 @@ class _Run:
     def _check(self, info: AudioInfo) -> None:
         seconds = info.num_samples / TARGET_SR
         if info.num_samples == 0:
-            raise _Skip("empty_audio", "0 samples")
+            raise Skip("empty_audio", "0 samples")
         if info.peak < float(self.cfg["silence_threshold"]):
-            raise _Skip("silent_audio", f"peak {info.peak:.2e} < {self.cfg['silence_threshold']}")
+            raise Skip("silent_audio", f"peak {info.peak:.2e} < {self.cfg['silence_threshold']}")
         if seconds < float(self.cfg["min_seconds"]):
-            raise _Skip("too_short", f"{seconds:.2f} s < {self.cfg['min_seconds']} s")
+            raise Skip("too_short", f"{seconds:.2f} s < {self.cfg['min_seconds']} s")
         if seconds > float(self.cfg["max_seconds"]):
-            raise _Skip("too_long", f"{seconds:.2f} s > {self.cfg['max_seconds']} s")
-
-    def _text_ids(self, text: str, speaker: int) -> list[int]:
-        if not text:
-            raise _Skip("empty_text", "no text")
-        if not any(ch.isalnum() for ch in text):
-            raise _Skip("unspeakable_text", f"no letter or digit in {text[:40]!r}")
-        try:
-            ids = encode_prompt(self.tokenizer, text, speaker)
-        except Exception as err:  # tokenizers raise various types on input they cannot take
-            raise _Skip("untokenizable_text", f"{type(err).__name__}: {one_line(err)}") from err
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if not ids or (vocab is not None and max(ids) >= vocab):
-            raise _Skip("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary")
-        unk = _unk_id(self.tokenizer)
-        if unk is not None and unk in ids:
-            raise _Skip("untokenizable_text", "tokenizer maps part of the text to its unknown token")
-        return ids
+            raise Skip("too_long", f"{seconds:.2f} s > {self.cfg['max_seconds']} s")
 
     def _skip(self, n: int, item_id: str, reason: str, detail: str, source_error: bool = False) -> None:
         rec = {"n": n, "id": item_id, "reason": reason, "detail": detail}
@@ -466,106 +450,11 @@ class _decoder:
             self.pool.shutdown(cancel_futures=True)
 
 
-def assign_splits(
-    ids: Iterable[str], val_fraction: float = 0.05, val_count: int | None = None, seed: int = 0
-) -> dict[str, str]:
-    """``id -> "train" | "val"`` by a seeded hash of each id.
-
-    With ``val_fraction`` an id is in val when its hash (a number in [0, 1)) is below the fraction,
-    whatever the other ids are, so adding or skipping items never moves it. With ``val_count`` the
-    ids with the smallest hashes are val. At least one val item (and one train item) is kept when
-    there are two or more ids, unless ``val_fraction`` or ``val_count`` is explicitly 0.
-    """
-    ids = list(ids)
-    score = {i: _unit_hash(f"{seed}:{i}") for i in ids}
-    order = sorted(ids, key=lambda i: (score[i], i))
-    if len(ids) < 2:
-        val: set[str] = set()
-    elif val_count is not None:
-        val = set(order[: min(max(int(val_count), 0), len(ids) - 1)])
-    else:
-        val = {i for i in ids if score[i] < float(val_fraction)}
-        if not val and float(val_fraction) > 0:
-            val = {order[0]}
-        if len(val) == len(ids):
-            val.discard(order[-1])
-    return {i: "val" if i in val else "train" for i in ids}
-
-
-def _unit_hash(text: str) -> float:
-    return int(hashlib.sha256(text.encode("utf-8")).hexdigest()[:16], 16) / 2.0**64
-
-
-def _report(
-    cfg: dict,
-    kept: list[dict],
-    skipped: list[dict],
-    examples: list[Example],
-    counts: dict,
-    speakers: dict[str, int],
-    codec: Codec,
-    cache: CodeCache,
-    secs: float,
-) -> dict:
-    reasons = dict.fromkeys(REASONS, 0)
-    for s in skipped:
-        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
-    names = sorted({r["speaker_name"] for r in kept if r["speaker_name"] is not None})
-    clips = {n: 0 for n in names}
-    for r in kept:
-        name = r["speaker_name"] if r["speaker_name"] is not None else UNNAMED_SPEAKER
-        clips[name] = clips.get(name, 0) + 1
-    return {
-        "source": cfg["source"],
-        "total": len(kept) + len(skipped),
-        "kept": len(examples),
-        "train": sum(e.split == "train" for e in examples),
-        "val": sum(e.split == "val" for e in examples),
-        "hours": round(sum(r["seconds"] for r in kept) / 3600, 4),
-        "skipped": reasons,
-        "items": skipped,
-        "encoded": counts["encoded"],
-        "cached": counts["cached"],
-        "speakers": {n: speakers[n] for n in names},  # name -> id (the `speaker=` of synthesis)
-        "speaker_clips": clips,  # name -> kept clips (clips without a speaker: UNNAMED_SPEAKER, id 0)
-        "codec": codec.identity,
-        "cache_dir": str(cache.root),
-        "seconds": round(secs, 3),
-    }
-
-
-def print_report(report: dict) -> None:
-    """The report as a rich table: kept/train/val, then the count of each skip reason that occurred."""
-    from rich.console import Console
-    from rich.table import Table
-
-    hours = report["hours"]
-    table = Table(title=f"data: {report['source']}")
-    table.add_column("items")
-    table.add_column("count", justify="right")
-    for name in ("total", "kept", "train", "val", "encoded", "cached"):
-        table.add_row(name, str(report[name]))
-    table.add_row("audio kept", f"{hours:.2f} h" if hours >= 1 else f"{hours * 60:.1f} min")
-    for reason, count in report["skipped"].items():
-        if count:
-            table.add_row(f"skipped: {reason}", str(count), style="yellow")
-    speakers = report.get("speakers", {})
-    for name, count in list(report.get("speaker_clips", {}).items())[:20]:
-        label = f"speaker {name} (id {speakers[name]})" if name in speakers else name
-        table.add_row(label, str(count))
-    Console().print(table)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class _progress_bar:
-    """Context manager yielding ``advance(done, encoded)``; a rich progress bar when enabled."""
+    """Context manager yielding ``advance(done, encoded)``; a rich progress bar when enabled (total
+    None: a stream of unknown length, counted without an end)."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int | None):
         self.enabled, self.total = enabled, total
 
     def __enter__(self) -> Callable[[int, int], None]:
@@ -593,10 +482,3 @@ def _device(codec: Codec) -> torch.device:
     for t in itertools.chain(codec.parameters(), codec.buffers()):
         return t.device
     return torch.device("cpu")
-
-
-def _unk_id(tokenizer: Tokenizer) -> int | None:
-    """The unknown-token id of an HF tokenizer's model (BPE/WordPiece), if it has one."""
-    tok = getattr(tokenizer, "_tok", None)
-    unk = getattr(getattr(tok, "model", None), "unk_token", None)
-    return tok.token_to_id(unk) if tok is not None and unk else None

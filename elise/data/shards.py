@@ -157,19 +157,20 @@ def _table(path: str) -> pa.Table:
 
 
 def codes_of(cell: Any, layout: str = "bytes") -> np.ndarray:
-    """Codes [32, T] int16 of one cell of a codes column (a pyarrow scalar)."""
+    """Codes [32, T] of one cell of a codes column (a pyarrow scalar): int16 for bytes, the lists'
+    integer type for lists; a read-only view of the cell's buffer, not a copy (the caller converts once)."""
     if layout == "bytes":
         flat = np.frombuffer(cell.as_buffer(), dtype=np.int16)
         return flat.reshape(NUM_CODEBOOKS, -1)
     outer = cell.values  # ListArray: [32] lists of T ("kt") or [T] lists of 32 ("tk")
     flat = outer.flatten().to_numpy(zero_copy_only=False)
     if layout == "kt":
-        return flat.reshape(len(outer), -1)[:NUM_CODEBOOKS].astype(np.int16)
-    return flat.reshape(len(outer), -1).T[:NUM_CODEBOOKS].astype(np.int16)
+        return flat.reshape(len(outer), -1)[:NUM_CODEBOOKS]
+    return flat.reshape(len(outer), -1).T[:NUM_CODEBOOKS]
 
 
 def read_codes(path: str, row: int, column: str = "codes", layout: str = "bytes") -> np.ndarray:
-    """Codes [32, T] int16 of ``row`` of the shard (or pre-encoded Arrow file) at ``path``."""
+    """Codes [32, T] of ``row`` of the shard (or pre-encoded Arrow file) at ``path`` (``codes_of``)."""
     col = _table(path).column(column)
     return codes_of(col[row], layout)
 
@@ -257,9 +258,6 @@ class ClipIndex:
         out["text_ids"] = t.column("text_ids")[j].values.to_numpy().tolist()
         out["codes_path"] = self._files[int(t.column("file")[j].as_py())]
         return out
-
-    def codes(self, codes_path: str, row: int) -> np.ndarray:
-        return read_codes(codes_path, row, self.meta["column"], self.meta["layout"])
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_table": None}

@@ -5,7 +5,7 @@ Audio is not decoded here: an item holds a file path, or a loader that returns e
 
 - ``elise``: a Hugging Face dataset (default ``Jinsaryko/Elise``; columns audio, text, optional
   speaker) from the hub, or a local copy with ``data.path`` (parquet file(s)/folder or a
-  ``save_to_disk`` folder).
+  ``save_to_disk`` folder); ``data.streaming=true`` reads it as a stream (``elise.data.stream``).
 - ``ljspeech``: ``data.root`` with ``metadata.csv`` (``id|text``, ``id|speaker|text`` or LJSpeech's
   ``id|text|normalized_text``) and ``wavs/<id>.wav``.
 - ``manifest``: a JSONL file (``audio``, ``text``, optional ``speaker`` / ``id`` / ``group``), ``data.path``.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ def sample_root() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "sample"
 
 
-def speaker_map(names: list[str | None]) -> dict[str, int]:
+def speaker_map(names: Iterable[str | None]) -> dict[str, int]:
     """Speaker name -> int id. Integer names keep their value; otherwise sorted names get 0, 1, ...
 
     Items without a speaker get 0 (``speaker_id``), so a one-speaker dataset is all speaker 0.
@@ -176,47 +176,86 @@ def read_hf(name: str, path: str | Path | None = None, split: str = "train") -> 
     ``path`` (a parquet file, a folder of parquet files or a ``save_to_disk`` folder) is read
     instead of the hub. The audio column is cast to ``Audio(decode=False)`` and decoded by
     ``elise.data.audio`` from its bytes (or its path when a row has no bytes).
+    ``elise.data.stream`` reads the same rows as a stream (``data.streaming=true``).
     """
     from datasets import Audio
 
-    ds = _load_local(Path(path).expanduser(), split) if path else _load_hub(name, split)
-    missing = {"audio", "text"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"dataset {path or name} lacks column(s) {sorted(missing)}; has {ds.column_names}")
+    ds = _load_local(Path(path).expanduser(), split) if path else load_hub(name, split)
+    cols = HFColumns.of(ds.column_names, str(path or name))
     ds = ds.cast_column("audio", Audio(decode=False))
     texts = ds["text"]
-    spk_col = next((c for c in ("speaker", "speaker_name", "speaker_id") if c in ds.column_names), None)
-    speakers = ds[spk_col] if spk_col else [None] * len(ds)
-    group_col = next((c for c in ("group", "conversation_id", "session") if c in ds.column_names), None)
-    groups = ds[group_col] if group_col else [None] * len(ds)
-    ids = [str(i) for i in ds["id"]] if "id" in ds.column_names else [f"{i:06d}" for i in range(len(ds))]
+    speakers = ds[cols.speaker] if cols.speaker else [None] * len(ds)
+    groups = ds[cols.group] if cols.group else [None] * len(ds)
+    ids = [str(i) for i in ds["id"]] if cols.id else [None] * len(ds)
     audio_col = ds.select_columns(["audio"])
     where = str(path or name)
     return [
-        RawItem(
-            ids[i],
-            texts[i].strip() if isinstance(texts[i], str) else "",
-            None if speakers[i] is None else str(speakers[i]),
-            _row_loader(audio_col, i, f"{where} row {i}"),
-            group=None if groups[i] is None else str(groups[i]),
-        )
+        hf_item(i, ids[i], texts[i], speakers[i], groups[i], _row_loader(audio_col, i, f"{where} row {i}"))
         for i in range(len(ds))
     ]
 
 
+@dataclass(frozen=True)
+class HFColumns:
+    """The columns of a Hugging Face audio dataset that elise reads (None: the dataset has none)."""
+
+    speaker: str | None
+    group: str | None
+    id: str | None
+
+    @classmethod
+    def of(cls, names: list[str], where: str) -> HFColumns:
+        """Raises ValueError when the audio or text column is missing."""
+        missing = {"audio", "text"} - set(names)
+        if missing:
+            raise ValueError(f"dataset {where} lacks column(s) {sorted(missing)}; has {names}")
+        speaker = next((c for c in ("speaker", "speaker_name", "speaker_id") if c in names), None)
+        group = next((c for c in ("group", "conversation_id", "session") if c in names), None)
+        return cls(speaker, group, "id" if "id" in names else None)
+
+
+def hf_item(
+    n: int, item_id: str | None, text: Any, speaker: Any, group: Any, audio: Callable[[], Path | bytes]
+) -> RawItem:
+    """Row ``n`` of a Hugging Face dataset as an item (``item_id`` None: the row number)."""
+    return RawItem(
+        f"{n:06d}" if item_id is None else item_id,
+        text.strip() if isinstance(text, str) else "",
+        None if speaker is None else str(speaker),
+        audio,
+        group=None if group is None else str(group),
+    )
+
+
+def audio_of(cell: Any, where: str) -> Path | bytes:
+    """Encoded audio of an ``Audio(decode=False)`` cell: its bytes (named by ``where`` and the file
+    name it was stored from) or its path. Raises ValueError when it has neither."""
+    cell = cell or {}
+    if cell.get("bytes"):
+        return NamedBytes(cell["bytes"], f"{where} ({cell['path']})" if cell.get("path") else where)
+    if cell.get("path"):
+        return Path(cell["path"])
+    raise ValueError("row has neither audio bytes nor an audio path")
+
+
 def _row_loader(ds: Any, index: int, where: str) -> Callable[[], Path | bytes]:
-    def load() -> Path | bytes:
-        cell = ds[index]["audio"] or {}
-        if cell.get("bytes"):  # named by the row and the file name it was stored from
-            return NamedBytes(cell["bytes"], f"{where} ({cell['path']})" if cell.get("path") else where)
-        if cell.get("path"):
-            return Path(cell["path"])
-        raise ValueError("row has neither audio bytes nor an audio path")
-
-    return load
+    return lambda: audio_of(ds[index]["audio"], where)
 
 
-def _load_hub(name: str, split: str) -> Any:
+def hub_unavailable(name: str, err: Exception) -> DataUnavailable:
+    """The one-line error of a hub dataset that cannot be read (with what to use instead)."""
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return DataUnavailable(
+        f"cannot load dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {reason}); "
+        "the public copies of Elise were taken down in 2026 (hub 401, DMCA): point data.path= at a "
+        "local copy (parquet or save_to_disk), or use data=ljspeech data.root=<folder> "
+        "(e.g. keithito/lj_speech) or data=manifest data.path=<file.jsonl>; HF_HUB_OFFLINE=1 uses a copy "
+        "already in the datasets cache"
+    )
+
+
+def load_hub(name: str, split: str, streaming: bool = False, **kwargs: Any) -> Any:
+    """``datasets.load_dataset(name, split=split, streaming=streaming)``; DataUnavailable on failure."""
     from datasets import load_dataset
 
     from elise import hub
@@ -224,34 +263,44 @@ def _load_hub(name: str, split: str) -> Any:
     try:
         if not hub.offline():
             hub.check(name, "dataset")  # unreachable or taken down (401/404): fails here, not after retries
-        return load_dataset(name, split=split)
+        return load_dataset(name, split=split, streaming=streaming, **kwargs)
     except Exception as err:  # hub errors come as many types (HTTP, gated, not found, offline)
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise DataUnavailable(
-            f"cannot load dataset {name!r} from the Hugging Face hub ({type(err).__name__}: {reason}); "
-            "the public copies of Elise were taken down in 2026 (hub 401, DMCA): point data.path= at a "
-            "local copy (parquet or save_to_disk), or use data=ljspeech data.root=<folder> "
-            "(e.g. keithito/lj_speech) or data=manifest data.path=<file.jsonl>; HF_HUB_OFFLINE=1 uses a copy "
-            "already in the datasets cache"
-        ) from err
+        raise hub_unavailable(name, err) from err
 
 
-def _load_local(path: Path, split: str) -> Any:
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+def is_saved_dataset(path: Path) -> bool:
+    """A ``save_to_disk`` folder (a Dataset or a DatasetDict)."""
+    return path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json"))
 
-    if not path.exists():
-        raise FileNotFoundError(f"dataset not found: data.path={path}")
-    if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
-        ds = load_from_disk(str(path))
-        if isinstance(ds, DatasetDict):
-            if split not in ds:
-                raise ValueError(f"split {split!r} not in {path} (has {sorted(ds)})")
-            ds = ds[split]
-        assert isinstance(ds, Dataset)
-        return ds
+
+def load_saved(path: Path, split: str) -> Any:
+    """The ``split`` of a ``save_to_disk`` folder (a DatasetDict's split, or the Dataset itself)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    ds = load_from_disk(str(path))
+    if isinstance(ds, DatasetDict):
+        if split not in ds:
+            raise ValueError(f"split {split!r} not in {path} (has {sorted(ds)})")
+        ds = ds[split]
+    assert isinstance(ds, Dataset)
+    return ds
+
+
+def parquet_files(path: Path, split: str) -> list[str]:
+    """The parquet file(s) of ``data.path`` for ``split``, in order (a clone of a hub repo holds e.g.
+    data/train-0000.parquet and data/test-0000.parquet: the names holding the split, else all)."""
     files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"no parquet files or save_to_disk dataset in data.path={path}")
-    # a clone of a hub repo holds e.g. data/train-0000.parquet and data/test-0000.parquet
     in_split = [f for f in files if split in f.name]
-    return load_dataset("parquet", data_files=[str(f) for f in in_split or files], split="train")
+    return [str(f) for f in in_split or files]
+
+
+def _load_local(path: Path, split: str) -> Any:
+    from datasets import load_dataset
+
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: data.path={path}")
+    if is_saved_dataset(path):
+        return load_saved(path, split)
+    return load_dataset("parquet", data_files=parquet_files(path, split), split="train")

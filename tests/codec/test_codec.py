@@ -243,3 +243,26 @@ def test_mimi_encodes_while_its_streaming_decoder_is_open(mimi_random, wav6: tor
     with mimi_random.streaming_decoder(4) as step:
         assert torch.equal(mimi_random.encode(odd)[0], closed)
         assert step(closed.repeat(4, 1, 1)[..., :2]).shape == (4, 1, 2 * 1920)
+
+
+def test_mimi_row_decoder_gives_each_row_its_solo_stream(mimi_random, wav6: torch.Tensor) -> None:
+    """A server's rows: each row decodes only when it has frames, in its own chunks, and a reset row starts
+    afresh; every row's audio equals its own streaming decode (batch 1), so idle rows cost nothing."""
+    codes = mimi_random.encode(wav6)[0]  # [2, 32, 6]
+    full = mimi_random.decode(codes)  # [2, 1, 6 * 1920]
+    solo = []
+    for b in range(2):
+        with mimi_random.streaming_decoder(1) as step:
+            solo.append(step(codes[b : b + 1])[0, 0])  # [6 * 1920]
+    with mimi_random.row_decoder(3) as rows:
+        rows.decode({2: codes[0, :, :2]})  # row 2 speaks first, then is reset for a new stream
+        rows.reset(2)
+        out = {0: [rows.decode({0: codes[0, :, :1]})[0]], 2: []}  # row 1 never decodes
+        for start, stop in ((1, 3), (3, 6)):
+            got = rows.decode({0: codes[0, :, start:stop], 2: codes[1, :, start - 1 : stop - 1]})
+            out[0].append(got[0])
+            out[2].append(got[2])
+        out[2].append(rows.decode({2: codes[1, :, 5:]})[2])
+        torch.testing.assert_close(mimi_random.decode(codes), full)  # a plain decode stays plain meanwhile
+    torch.testing.assert_close(torch.cat(out[0]), solo[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(out[2]), solo[1], atol=1e-5, rtol=1e-4)

@@ -145,3 +145,79 @@ def test_bench_synthetic_set_is_indexed_and_rows_report_it(tmp_path: Path) -> No
                       "prepare": {"skipped": "-"}, "throughput": {"clips": 8, "tiny/2": {"s": 2.0, "clips_per_s": 4.0}},
                       "startup": {"clips": 3000, "cold": fig}})  # fmt: skip
     assert rows[2]["clips/s"] == 4.0 and rows[-1]["MB"] == 5.0 and rows[-2]["s"] == 5.0
+
+
+def test_text_checks_are_preparations_unknown_token_included(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from elise.text import HFTokenizer
+
+    words = ["[UNK]", "[", "]", "0", "1", "clip", "number", "."] + [str(i) for i in range(2, 12)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rows = clips()
+    rows[4]["text"] = "clip zebra 4"  # "zebra" is the unknown token
+    rows[6]["text"] = "?! ..."  # no letter or digit
+    (tmp_path / "src").mkdir()
+    write_ipc(tmp_path / "src" / "a.arrow", table(rows, "kt"))
+    data = prepare_codes(
+        cfg(tmp_path / "src", tmp_path / "c"), HFTokenizer.from_json(tok.to_str()), progress=False
+    )
+    skipped = {s["id"]: s["reason"] for s in data.report["items"]}
+    assert skipped == {
+        "c003": "empty_text",
+        "c004": "untokenizable_text",
+        "c005": "too_short",
+        "c006": "unspeakable_text",
+    }
+    assert data.report["kept"] == 8
+
+
+def test_split_is_assign_splits_over_the_kept_clips(tmp_path: Path) -> None:
+    from elise.data.split import assign_splits, split_scores
+
+    rows = clips(n=30)
+    ids = [r["id"] for r in rows]
+    lowest = [ids[k] for k in np.argsort(split_scores(ids, 0))[:2].tolist()]
+    for r in rows:  # the two ids of lowest hash (val with val_count=2 over every row) are skipped
+        if r["id"] in lowest:
+            r["text"] = ""
+    (tmp_path / "src").mkdir()
+    write_ipc(tmp_path / "src" / "a.arrow", table(rows[:12], "tk"))
+    write_ipc(tmp_path / "src" / "b.arrow", table(rows[12:], "tk"))
+    for kw in (
+        {"val_count": 2},
+        {"val_count": None, "val_fraction": 1e-6},
+        {"val_count": None, "val_fraction": 1.0},
+    ):
+        data = prepare_codes(cfg(tmp_path / "src", tmp_path / "c", **kw), ByteTokenizer(), progress=False)
+        examples = examples_of(data.index)
+        kept = [e.id for e in examples]
+        want = assign_splits(kept, kw.get("val_fraction", 0.05), kw["val_count"], 0)
+        assert {e.id: e.split for e in examples} == want, kw
+        n_val = sum(s == "val" for s in want.values())
+        assert (
+            data.report["val"]
+            == n_val
+            == (len(kept) - 1 if kw.get("val_fraction") == 1.0 else kw["val_count"] or 1)
+        )
+        assert ClipIndex(data.index).meta["report"]["val"] == n_val
+
+
+def test_a_finished_stream_is_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+
+    rows = clips(seed=2)
+    (tmp_path / "pq").mkdir()
+    pq.write_table(table(rows, "kt"), tmp_path / "pq" / "train-0000.parquet")
+    c = cfg(tmp_path / "pq", tmp_path / "c", streaming=True)
+    first = prepare_codes(c, ByteTokenizer(), progress=False)
+
+    def no_stream(*args: object, **kw: object):
+        raise AssertionError("the stream was opened again")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_stream)
+    again = prepare_codes(c, ByteTokenizer(), progress=False)
+    assert again.index == first.index and again.report == first.report
+    with pytest.raises(Exception, match="opened again"):  # another split is another stream
+        prepare_codes(c | {"split": "test"}, ByteTokenizer(), progress=False)

@@ -278,7 +278,8 @@ def test_bad_parquet_row_is_named_by_file_row_and_audio_path(tmp_path: Path, hf_
 
 def test_manifest_group_and_speaker_clips_in_the_report(tmp_path: Path) -> None:
     from elise.codec import build_codec
-    from elise.data.prepare import UNNAMED_SPEAKER, prepare
+    from elise.data.prepare import prepare
+    from elise.data.report import UNNAMED_SPEAKER
     from elise.text import ByteTokenizer
 
     for i in range(4):

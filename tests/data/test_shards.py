@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from testkit import same_result
 
 import elise.data.shards as shards
 from elise.codec import build_codec
@@ -28,21 +29,6 @@ def cfg(cache: Path, **kw: object) -> dict:
 
 def run(c: dict, **kw: object):
     return prepare(c, build_codec("tiny", batch_size=4), ByteTokenizer(), progress=False, **kw)
-
-
-def codes_by_id(data) -> dict[str, np.ndarray]:
-    return {e.id: e.load_codes().numpy() for e in data.examples}
-
-
-def same_result(a, b) -> None:
-    """Same kept clips, texts, splits, codes and report counts."""
-    key = [(e.id, e.text, e.text_ids, e.frames, e.split, e.speaker) for e in a.examples]
-    assert key == [(e.id, e.text, e.text_ids, e.frames, e.split, e.speaker) for e in b.examples]
-    ca, cb = codes_by_id(a), codes_by_id(b)
-    assert all(np.array_equal(ca[i], cb[i]) for i in ca)
-    for name in ("total", "kept", "train", "val", "hours", "skipped", "items", "speakers"):
-        assert a.report[name] == b.report[name], name
-    assert a.report["encoded"] + a.report["cached"] == b.report["encoded"] + b.report["cached"]
 
 
 def test_shards_hold_the_npy_cache_codes_in_bounded_files(tmp_path: Path) -> None:
@@ -140,3 +126,31 @@ def test_shards_on_an_npy_cache_folder_convert_it_without_encoding(tmp_path: Pat
     assert data.report["encoded"] == 0 and data.report["cached"] == 16
     same_result(npy, data)
     assert all(e.row is not None for e in data.examples)  # read from the shards now
+
+
+def test_list_codes_are_read_as_a_view_and_converted_once() -> None:
+    codes = np.arange(32 * 5, dtype=np.int64).reshape(32, 5)
+    for layout, cell in (("kt", pa.array([codes.tolist()])[0]), ("tk", pa.array([codes.T.tolist()])[0])):
+        got = shards.codes_of(cell, layout)
+        assert not got.flags.owndata and got.dtype == np.int64  # no int16 copy on the way to int64
+        assert np.array_equal(got, codes)
+
+
+def test_training_ranks_find_the_index_without_building_the_codec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import elise.codec
+
+    data = cfg(tmp_path) | {"max_tokens": 400, "max_samples": 4}
+    rank0 = EliseDataModule(data, {"name": "tiny"})
+    rank0.prepare_data()  # Lightning: local rank 0 only
+    rank0.setup("fit")
+
+    def no_codec(*args: object, **kw: object):
+        raise AssertionError("a rank built the codec")
+
+    monkeypatch.setattr(elise.codec, "build_codec", no_codec)
+    rank1 = EliseDataModule(data, {"name": "tiny"})
+    rank1.setup("fit")
+    assert rank1.train_set.positions.tolist() == rank0.train_set.positions.tolist()
+    assert rank1.report == rank0.report and len(rank1.val_set) == 2

@@ -342,3 +342,42 @@ def test_resuming_on_a_different_base_is_refused(voice_run, tmp_path):
     with pytest.raises(CheckpointError, match="adapters were trained on base") as err:
         run(tmp_path / "run", [*resumed, f"init_from={other}", f"ckpt_path={ckpt}"])
     assert "\n" not in str(err.value)
+
+
+def test_resuming_loads_the_adapters_strictly_and_the_frozen_base_from_init_from(voice_run):
+    """Lightning's order (``on_load_checkpoint``, then ``load_state_dict(strict=strict_loading)``): an
+    adapter checkpoint lacks the frozen base only; a missing adapter or a stray key is an error."""
+    from elise.module import EliseModule
+
+    tmp, _, _, final = voice_run
+    ckpt = read_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
+    hp = ckpt["hyper_parameters"]
+
+    def resume(state: dict) -> EliseModule:
+        module = EliseModule(**hp)
+        module.load_weights(load_model(hp["lora_base"]["path"]).model.state_dict())
+        checkpoint = {**ckpt, "state_dict": state}
+        module.on_load_checkpoint(checkpoint)
+        module.load_state_dict(checkpoint["state_dict"], strict=module.strict_loading)
+        return module
+
+    module = resume(dict(ckpt["state_dict"]))
+    assert all(torch.equal(v, final[k]) for k, v in module.model.state_dict().items())
+    dropped = dict(ckpt["state_dict"])
+    gone = next(iter(dropped))
+    del dropped[gone]
+    with pytest.raises(RuntimeError, match=f"Missing key.*{gone}"):
+        resume(dropped)
+    with pytest.raises(RuntimeError, match="Unexpected key.*model.stray.lora_A"):
+        resume({**ckpt["state_dict"], "model.stray.lora_A": torch.zeros(1)})
+
+
+def test_a_lora_checkpoint_missing_an_adapter_does_not_load(voice_run, tmp_path):
+    tmp, _, _, _ = voice_run
+    ckpt = read_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
+    gone = sorted(ckpt["state_dict"])[-1]
+    del ckpt["state_dict"][gone]
+    torch.save(ckpt, tmp_path / "partial.ckpt")
+    with pytest.raises(CheckpointError, match="adapters do not match lora=") as err:
+        load_model(tmp_path / "partial.ckpt")
+    assert gone[len("model.") :] in str(err.value) and "\n" not in str(err.value)

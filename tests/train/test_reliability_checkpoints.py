@@ -11,8 +11,9 @@ import pytest
 import torch
 from testkit import checkpointing_run
 
+from elise.checkpoints import resolve_ckpt_path
 from elise.config import compose
-from elise.train import AtomicCheckpointIO, resolve_ckpt_path, train
+from elise.train import AtomicCheckpointIO, train
 from elise.train import main as train_main
 
 STEPS = 6
@@ -132,3 +133,52 @@ def test_crafted_checkpoint_is_refused_on_resume_and_init_from(key, fast_overrid
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and "refusing to load" in err, err
     assert not os.path.exists("/tmp/elise_pwned_train")
+
+
+def test_resume_reads_the_checkpoint_once_and_a_longer_max_steps_stretches_the_schedule(
+    kept_run, fast_overrides, tmp_path, monkeypatch, caplog
+):
+    """``continue: ... trainer.max_steps=<more>`` (the summary's advice): the cosine ends at the new
+    max_steps from the next step on, the log says so, and the checkpoint file is read once (it was
+    opened 4 times by elise, then by Lightning)."""
+    import shutil
+
+    import lightning.pytorch as pl
+
+    from elise.optim import WarmupCosine
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(kept_run, run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    optim = torch.load(last, weights_only=True)["hyper_parameters"]["optim"]
+    loads: list[str] = []
+    real_load = torch.load
+
+    def counting_load(f, *args, **kwargs):
+        loads.append(Path(str(f if isinstance(f, str | os.PathLike) else getattr(f, "path", f.name))).name)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", counting_load)
+    lrs: dict[int, float] = {}
+
+    class Rates(pl.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+    caplog.set_level(logging.INFO, logger="elise.train")
+    more = 10
+    cfg = compose(
+        "train",
+        [*fast_overrides, *BASE, "callbacks.checkpoint.keep_last=2", f"trainer.max_steps={more}"]
+        + [f"hydra.run.dir={run_dir}", "ckpt_path=last"],
+        return_hydra_config=True,
+    )
+    train(cfg, callbacks=[Rates()])
+    assert loads.count("last.ckpt") == 1
+    schedule = WarmupCosine(optim["warmup_steps"], more, optim["min_lr"] / optim["lr"])
+    assert sorted(lrs) == list(range(STEPS, more))
+    for step, lr in lrs.items():  # was min_lr on every step: the old schedule ended at step 6
+        assert lr == pytest.approx(optim["lr"] * schedule(step), rel=1e-6), step
+    [line] = [r.getMessage() for r in caplog.records if "schedule now ends" in r.getMessage()]
+    assert f"resuming at step {STEPS} with trainer.max_steps={more}" in line and "ended at 6" in line
+    assert torch.load(last, weights_only=True)["hyper_parameters"]["total_steps"] == more

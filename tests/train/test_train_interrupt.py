@@ -1,6 +1,6 @@
 """Training stops the way a user expects: Ctrl-C saves and says how to resume, a wrong setting is one
-line before anything loads (no run dir left behind), a run that trains nothing fails, a resume with a
-longer max_steps says the schedule is the old one, a finished run prints what to do next."""
+line before anything loads (no run dir left behind), a run that trains nothing fails, a finished run
+prints what to do next."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 from elise.cli import check_overrides, verbatim_args
 from elise.config import compose
 from elise.preflight import UserError, preflight
-from elise.train import ctrl_c_stops_at_step_end, train, warn_longer_schedule
+from elise.train import ctrl_c_stops_at_step_end, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -114,16 +114,6 @@ def test_a_run_that_trains_nothing_fails_naming_the_setting(tmp_path, fast_overr
     )
     with pytest.raises(UserError, match=r"no training step ran.*data.max_tokens=10"):
         train(cfg)
-
-
-def test_resume_with_a_longer_max_steps_warns_once(tmp_path, caplog):
-    ckpt = tmp_path / "a.ckpt"
-    torch.save({"state_dict": {}, "global_step": 3, "hyper_parameters": {"total_steps": 6}}, ckpt)
-    warn_longer_schedule(str(ckpt), 6)
-    assert not caplog.records
-    warn_longer_schedule(str(ckpt), 20)
-    [record] = caplog.records
-    assert "trainer.max_steps=20" in record.getMessage() and "schedule is the old one" in record.getMessage()
 
 
 def test_demo_run_console_ends_with_a_summary(tmp_path, code_cache):

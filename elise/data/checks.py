@@ -1,0 +1,65 @@
+"""The checks of a clip's text that need no audio, shared by preparation (``elise.data.prepare``)
+and pre-encoded data (``elise.data.codes``): a bad text is a skip with one of ``REASONS``."""
+
+from __future__ import annotations
+
+from elise.errors import one_line
+from elise.text import Tokenizer, encode_prompt
+
+REASONS = (
+    "bad_metadata",
+    "duplicate_id",
+    "empty_text",
+    "unspeakable_text",
+    "untokenizable_text",
+    "missing_file",
+    "unreadable_audio",
+    "empty_audio",
+    "silent_audio",
+    "too_short",
+    "too_long",
+)
+
+
+class Skip(Exception):
+    """An item is bad: ``reason`` (one of ``REASONS``) and a short ``detail``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def check_text(text: str) -> None:
+    """Raise Skip for an empty text or one without a letter or digit (``text`` already normalised)."""
+    if not text:
+        raise Skip("empty_text", "no text")
+    if not any(ch.isalnum() for ch in text):
+        raise Skip("unspeakable_text", f"no letter or digit in {text[:40]!r}")
+
+
+def check_ids(tokenizer: Tokenizer, ids: list[int]) -> None:
+    """Raise Skip (untokenizable_text) for no ids, ids outside the vocabulary, or the unknown token."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if not ids or (vocab is not None and max(ids) >= vocab):
+        raise Skip("untokenizable_text", "tokenizer returned no ids or ids outside its vocabulary")
+    unk = unk_id(tokenizer)
+    if unk is not None and unk in ids:
+        raise Skip("untokenizable_text", "tokenizer maps part of the text to its unknown token")
+
+
+def text_ids(tokenizer: Tokenizer, text: str, speaker: int) -> list[int]:
+    """Token ids of the prompt ``[speaker]text`` (BOS/EOS), after every text check; raises Skip."""
+    check_text(text)
+    try:
+        ids = encode_prompt(tokenizer, text, speaker)
+    except Exception as err:  # tokenizers raise various types on input they cannot take
+        raise Skip("untokenizable_text", f"{type(err).__name__}: {one_line(err)}") from err
+    check_ids(tokenizer, ids)
+    return ids
+
+
+def unk_id(tokenizer: Tokenizer) -> int | None:
+    """The unknown-token id of an HF tokenizer's model (BPE/WordPiece), if it has one."""
+    tok = getattr(tokenizer, "_tok", None)
+    unk = getattr(getattr(tok, "model", None), "unk_token", None)
+    return tok.token_to_id(unk) if tok is not None and unk else None
