@@ -79,33 +79,63 @@ class ContextSettings:
         return cls(p, k, max_rows, loss_on)
 
 
+def context_keys(examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """([N] rows, [N] speaker, [N] group number (-1: none)) of a list of examples; an index-backed
+    dataset gives the same from its columns (``elise.data.dataset.IndexDataset.context_keys``)."""
+    groups: dict[str, int] = {}
+    lengths = np.fromiter((e.num_rows for e in examples), dtype=np.int64, count=len(examples))
+    speakers = np.fromiter((e.speaker for e in examples), dtype=np.int64, count=len(examples))
+    group = np.fromiter(
+        (-1 if e.group is None else groups.setdefault(e.group, len(groups)) for e in examples),
+        dtype=np.int64,
+        count=len(examples),
+    )
+    return lengths, speakers, group
+
+
 class ContextPlanner:
     """Chooses the context clips of every example of an epoch: ``plan(epoch)[i]`` is a tuple of
-    indices into ``examples`` (in the order they precede example ``i``), empty for most when p < 1."""
+    indices into ``examples`` (in the order they precede example ``i``), empty for most when p < 1.
 
-    def __init__(self, examples: Sequence[Example], settings: ContextSettings, seed: int = 0):
+    ``examples``: a list of examples, or a dataset with ``context_keys()`` (an index-backed one:
+    its columns, no record per clip). The pools (clips of one speaker and group) are grouped with
+    numpy: ``members[start[k]:start[k + 1]]`` are pool ``k``'s clips in index order.
+    """
+
+    def __init__(self, examples: Sequence[Example] | Any, settings: ContextSettings, seed: int = 0):
         self.settings, self.seed = settings, int(seed)
-        self.lengths = np.asarray([e.num_rows for e in examples], dtype=np.int64)  # [N]
-        pools: dict[tuple[int, str | None], list[int]] = {}
-        for i, e in enumerate(examples):
-            pools.setdefault((e.speaker, e.group), []).append(i)
-        self._pools = {key: np.asarray(idx, dtype=np.int64) for key, idx in pools.items()}
-        self._pool_of = [self._pools[(e.speaker, e.group)] for e in examples]
+        keys = examples.context_keys() if hasattr(examples, "context_keys") else context_keys(examples)
+        lengths, speakers, groups = keys
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # [N]
+        groups = np.asarray(groups, dtype=np.int64) + 1  # [N] 0: no group
+        key = np.asarray(speakers, dtype=np.int64) * (int(groups.max(initial=0)) + 1) + groups  # [N]
+        _, pool = np.unique(key, return_inverse=True)
+        self._pool = pool.reshape(-1).astype(np.int64)  # [N] pool of each clip
+        self._members = np.argsort(self._pool, kind="stable")  # [N] clips by pool, index order within
+        sizes = np.bincount(self._pool) if len(self._pool) else np.zeros(0, dtype=np.int64)
+        self._start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # [P + 1]
+
+    def _pool_of(self, i: int) -> np.ndarray:
+        k = self._pool[i]
+        return self._members[self._start[k] : self._start[k + 1]]
 
     def check(self) -> None:
         """Raise ContextError when no example could ever get a context (p > 0 would do nothing)."""
         if not self.settings.active or len(self.lengths) == 0:
             return
-        pairs = [np.sort(self.lengths[idx])[:2].sum() for idx in self._pools.values() if len(idx) >= 2]
-        if not pairs:
+        order = np.lexsort((self.lengths, self._pool))  # by pool, then rows
+        sizes = np.diff(self._start)  # [P]
+        first = self._start[:-1][sizes >= 2]  # position of each pool of 2+ clips in ``order``
+        if not len(first):
             raise ContextError(
                 f"data.context.p={self.settings.p} needs two training clips of one speaker (and group); "
                 "every speaker has one: set data.context.p=0"
             )
-        if min(pairs) > self.settings.max_rows:
+        shortest = int((self.lengths[order[first]] + self.lengths[order[first + 1]]).min())
+        if shortest > self.settings.max_rows:
             raise ContextError(
                 f"data.context.max_rows={self.settings.max_rows} is too small for any context: the shortest "
-                f"two clips of one speaker take {int(min(pairs))} rows; raise data.context.max_rows "
+                f"two clips of one speaker take {shortest} rows; raise data.context.max_rows "
                 "(and data.max_tokens) or set data.context.p=0"
             )
 
@@ -119,17 +149,28 @@ class ContextPlanner:
         use = rng.random(n) < s.p  # [N]
         want = rng.integers(1, s.max_segments + 1, size=n)  # [N]
         draws = rng.random((n, _DRAWS * s.max_segments))  # [N, D] positions in the example's pool
-        for i in np.flatnonzero(use).tolist():
-            pool = self._pool_of[i]
-            budget = s.max_rows - int(self.lengths[i])
-            chosen: list[int] = []
-            for j in pool[(draws[i] * len(pool)).astype(np.int64)].tolist():
-                if j != i and j not in chosen and self.lengths[j] <= budget:
-                    chosen.append(j)
-                    budget -= int(self.lengths[j])
-                    if len(chosen) == want[i]:
-                        break
-            plan[i] = tuple(chosen)
+        # each used example scans its D drawn pool members in order and keeps a member that is not
+        # itself, not yet chosen and fits the row budget, until it has ``want``: one column at a time
+        # for all of them at once
+        used = np.flatnonzero(use)  # [U]
+        pool = self._pool[used]  # [U]
+        size = self._start[pool + 1] - self._start[pool]  # [U]
+        cand = self._members[
+            self._start[pool][:, None] + (draws[used] * size[:, None]).astype(np.int64)
+        ]  # [U, D]
+        budget = s.max_rows - self.lengths[used]  # [U]
+        chosen = np.full((len(used), s.max_segments), -1, dtype=np.int64)  # [U, K]
+        count = np.zeros(len(used), dtype=np.int64)  # [U]
+        rows = np.arange(len(used))
+        for d in range(cand.shape[1]):
+            j = cand[:, d]  # [U]
+            ok = (j != used) & (count < want[used]) & (self.lengths[j] <= budget)
+            ok &= ~(chosen == j[:, None]).any(axis=1)
+            chosen[rows[ok], count[ok]] = j[ok]
+            budget = np.where(ok, budget - self.lengths[j], budget)
+            count += ok
+        for i, c, k in zip(used.tolist(), chosen.tolist(), count.tolist(), strict=True):
+            plan[i] = tuple(c[:k])
         return plan
 
     def rows(self, plan: Sequence[tuple[int, ...]]) -> np.ndarray:

@@ -188,7 +188,7 @@ class EliseDataModule(pl.LightningDataModule):
         source names no speakers (every clip is then speaker 0)."""
         return dict(self._report.get("speakers", {}))
 
-    def _planner(self, examples: list) -> ContextPlanner:
+    def _planner(self, examples: Any) -> ContextPlanner:
         planner = ContextPlanner(examples, self.context, seed=self.seed)
         planner.check()
         return planner
@@ -214,7 +214,7 @@ class EliseDataModule(pl.LightningDataModule):
             rank=rank,
         )
         if shuffle and self.context.active:
-            return ContextBatchSampler(dataset.lengths, self._planner(dataset.examples), **kwargs)
+            return ContextBatchSampler(dataset.lengths, self._planner(dataset), **kwargs)
         return TokenBudgetBatchSampler(dataset.lengths, **kwargs)
 
     def _loader(self, dataset: CodesDataset, sampler: TokenBudgetBatchSampler) -> DataLoader:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from elise.data.context import context_keys
 from elise.data.items import Example
 from elise.data.shards import ClipIndex
 from elise.layout import NUM_CODEBOOKS
@@ -29,6 +30,10 @@ class CodesDataset(Dataset):
     def lengths(self) -> list[int]:
         """Rows of each item's segment (text + audio + EOS), for the batch sampler."""
         return [e.num_rows for e in self.examples]
+
+    def context_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """([N] rows, [N] speaker, [N] group number, -1 for none): what context planning groups by."""
+        return context_keys(self.examples)
 
     def __getitem__(self, index: int | tuple[int, tuple[int, ...]]) -> dict:
         if isinstance(index, tuple):
@@ -81,6 +86,7 @@ class IndexDataset(CodesDataset):
 
     def __init__(self, index: ClipIndex, split: str):
         val = index.column("val")
+        self.index = index
         self.positions = np.flatnonzero(val if split == "val" else ~val)  # [N] rows of the index
         self._lengths = index.column("rows")[self.positions]  # [N]
         self.examples = _IndexExamples(index, self.positions, split)  # type: ignore[assignment]
@@ -88,3 +94,19 @@ class IndexDataset(CodesDataset):
     @property
     def lengths(self) -> np.ndarray:  # type: ignore[override]
         return self._lengths
+
+    def context_keys(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """([N] rows, [N] speaker, [N] group number, -1 for none) of the split's clips, from the
+        index's columns (what ``elise.data.context.ContextPlanner`` groups by)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        table = self.index.table
+        speakers = table.column("speaker").to_numpy()[self.positions]
+        groups = table.column("group")
+        if groups.null_count == len(groups):
+            numbers = np.full(len(self.positions), -1, dtype=np.int64)
+        else:
+            codes = pc.dictionary_encode(groups).combine_chunks().indices  # [rows] null where no group
+            numbers = pc.fill_null(codes, -1).cast(pa.int64()).to_numpy()[self.positions]
+        return self._lengths, speakers, numbers

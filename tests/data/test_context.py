@@ -227,3 +227,49 @@ def test_train_refuses_an_impossible_context_in_one_line(
         train_main(cfg)
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and "\n" not in err and expected in err, err
+
+
+def test_index_backed_planning_uses_the_columns_and_plans_as_the_records_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clip index (data=codes) is planned from its speaker/group columns, never one record per
+    clip, with the plan the same clips as ``Example`` records give."""
+    import pyarrow as pa
+
+    from elise.data.codes import prepare_codes
+    from elise.data.dataset import IndexDataset
+    from elise.data.shards import ClipIndex, write_ipc
+
+    rng = np.random.default_rng(1)
+    rows = [
+        {"id": f"c{i:03d}", "text": TEXTS[i % 4], "speaker": f"s{i % 3}", "group": None if i % 5 == 0 else f"g{i % 4}",
+         "codes": rng.integers(0, 2048, (NUM_CODEBOOKS, int(rng.integers(8, 30)))).astype(np.int16).tobytes()}
+        for i in range(120)
+    ]  # fmt: skip
+    (tmp_path / "src").mkdir()
+    write_ipc(tmp_path / "src" / "a.arrow", pa.Table.from_pylist(rows))
+    data = {
+        "source": "codes",
+        "path": str(tmp_path / "src"),
+        "cache_dir": str(tmp_path / "c"),
+        "val_count": 10,
+    }
+    index = ClipIndex(prepare_codes(data, build_tokenizer("bytes"), progress=False).index)
+    train = IndexDataset(index, "train")
+    records = list(train.examples)
+    s = ContextSettings(p=0.7, max_segments=3, max_rows=200)
+    want = ContextPlanner(records, s, seed=5)
+
+    def no_records(*args: object) -> None:
+        raise AssertionError("a record was built per clip")
+
+    monkeypatch.setattr(ClipIndex, "clip", no_records)
+    got = ContextPlanner(train, s, seed=5)
+    got.check()
+    for epoch in range(2):
+        plan = got.plan(epoch)
+        assert plan == want.plan(epoch) and sum(map(bool, plan)) > 50
+        for i, c in enumerate(plan):
+            key = (records[i].speaker, records[i].group)
+            assert all((records[j].speaker, records[j].group) == key for j in c)
+    assert got.rows(plan).tolist() == want.rows(plan).tolist()
