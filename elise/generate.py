@@ -129,13 +129,23 @@ class FrameGenerator:
         )
         self.h = h[:, -1]
 
-    def decode_frame(self, h: Tensor, allow_eos: Tensor | None = None, sampling: SamplingConfig | None = None,
-                     generator: Generators = None) -> Tensor:  # fmt: skip
+    def decode_frame(
+        self,
+        h: Tensor,
+        allow_eos: Tensor | None = None,
+        sampling: SamplingConfig | None = None,
+        generator: Generators = None,
+        forced: Tensor | None = None,
+        logits: list[Tensor] | None = None,
+    ) -> Tensor:
         """Codebook 0 from the backbone head, then 1..31 from the depth decoder. h [B, Db] -> codes [B, 32].
 
         ``allow_eos`` [B] bool (None: all): items that may end at this frame. Sampled, an item ends
         (an all-zero EOS frame) only when EOS is the argmax of codebook 0. ``sampling``/``generator``:
         this call's (None: the generator's own), e.g. one group of a server's rows.
+        ``forced`` [B, 32] (teacher forcing, for agreement checks): the depth decoder is fed these codes
+        instead of its picks (the picks are still returned); ``logits``: receives each codebook's logits
+        [B, 2048] fp32 in order (32 appends).
         """
         m, cache = self.model, self.decoder_cache
         if h.shape[0] != cache.k.shape[1]:
@@ -152,20 +162,26 @@ class FrameGenerator:
             logits0[:, EOS_CODE] = float("-inf")  # codebook 0 of a speech frame is sampled without EOS
         elif allow_eos is not None:
             logits0[:, EOS_CODE].masked_fill_(~allow_eos, float("-inf"))
+        if logits is not None:
+            logits.append(logits0)
         c0 = sample_logits(logits0, sampling, generator)  # [B]
         if ends is not None:
             c0 = torch.where(ends, EOS_CODE, c0)
         cache.reset()
-        x = torch.stack([h, m.audio_embeddings(c0)], dim=1)  # [B, 2, Db] (codebook 0 offset is 0)
+        fed = c0 if forced is None else forced[:, 0]
+        x = torch.stack([h, m.audio_embeddings(fed)], dim=1)  # [B, 2, Db] (codebook 0 offset is 0)
         out = m.decoder(m.project(x), cache=cache)[:, -1]  # [B, Dd]
         codes = torch.empty(h.shape[0], NUM_CODEBOOKS, dtype=torch.long, device=h.device)  # [B, 32]
         codes[:, 0] = c0
         offsets = self.offsets
         for k in range(1, NUM_CODEBOOKS):
-            c = sample_logits(m.codebook_logits(out, k), depth, generator)  # [B]
+            logits_k = m.codebook_logits(out, k)  # [B, V]
+            if logits is not None:
+                logits.append(logits_k[:, :CODEBOOK_SIZE].float())
+            c = sample_logits(logits_k, depth, generator)  # [B]
             codes[:, k] = c
             if k < NUM_CODEBOOKS - 1:
-                e = m.audio_embeddings(c + offsets[k])  # [B, Db]
+                e = m.audio_embeddings((c if forced is None else forced[:, k]) + offsets[k])  # [B, Db]
                 out = m.decoder(m.project(e[:, None]), cache=cache)[:, -1]  # [B, Dd]
         if ends is not None:
             codes.masked_fill_(ends[:, None], EOS_CODE)  # the EOS frame

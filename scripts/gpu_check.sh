@@ -32,15 +32,12 @@ step bench "$PY" -m elise.bench part=gpu quick=true out="$OUT/bench_results.json
 step quant_cuda "$PY" - <<'EOF'
 import torch
 from elise.bench.synth import random_model
-from elise.model.kernels import probe, probe_error
-from elise.model.quant import quantize
+from elise.model.kernels import check_candidates
 from elise.synthesis.runtime import prepare_model
 
 model = prepare_model(random_model("marvis_250m").cuda(), torch.float32)  # CUDA int4 wants K % 128 == 0
-ref, codes = probe(model)
-for mode in ("int8", "int4", "bf16"):
-    quantize(model, mode)
-    print(mode, "probe error vs fp32 (random weights):", round(probe_error(ref, probe(model, codes)[0]), 4))
+for mode, agreement in check_candidates(model, ["int8", "int4", "bf16"]).items():
+    print(mode, "vs fp32 (random weights, teacher-forced):", agreement)
 EOF
 step ddp_bf16 "$PY" -m elise.demo out="$OUT/demo" trainer=ddp trainer.devices=1 trainer.accelerator=gpu \
   trainer.precision=bf16-mixed trainer.max_steps=30

@@ -36,27 +36,14 @@ def quiet() -> None:
         pass
 
 
-def run_part(part: str, quick: bool) -> tuple[dict, str]:
+def run_part(part: str, quick: bool, ckpt: str | None = None) -> tuple[dict, str]:
     """Run one part; returns (figures, printable table)."""
     if part == "synth":
-        from elise.bench.synth import bench_synth, synth_rows
+        from elise.bench.synth import bench_synth, synth_text
 
         res = bench_synth(frames=8 if quick else 16, ref_frames=4 if quick else 8, reps=1 if quick else 3,
-                          batches=(8,) if quick else (4, 8))  # fmt: skip
-        rows = synth_rows(res)
-        text = table(rows, ["case", "s/frame", "frames/s", "RTF", "x transformers"])
-        bound = res["bound_fp32"], res["bound_int8"]
-        text += (
-            f"\nmemory read bandwidth {res['bandwidth_gbs']:.1f} GB/s; bound fp32 {bound[0]['bound_s']:.3f} s/frame "
-            f"(elise reaches {bound[0]['fraction']:.0%}), int8 {bound[1]['bound_s']:.3f} s/frame "
-            f"({bound[1]['fraction']:.0%})\nint8 vs fp32 codes: {res['int8_agreement']}\n"
-            f"int4 vs fp32 codes: {res['int4_agreement']}\nbf16 vs fp32 codes: {res['bf16_agreement']}\n"
-            f"kernel choice (quantize=auto) on this machine: {res['kernel_choice']['reason']}\n"
-            f"{res['kernel_choice']['table']}\n"
-        )
-        text += table([{"case": k, **v} for k, v in res["batch"].items()],
-                      ["case", "per_frame_s", "total_frames_per_s", "vs_b1"])  # fmt: skip
-        return res, text
+                          batches=(8,) if quick else (4, 8), ckpt=ckpt)  # fmt: skip
+        return res, synth_text(res)
     if part == "train":
         from elise.bench.train import bench_train, train_rows
 
@@ -105,6 +92,9 @@ def bench_args(cfg: DictConfig) -> tuple[tuple[str, ...], bool, int, Path]:
 def main(cfg: DictConfig) -> int:
     """Run the parts ``cfg`` names (``elise/conf/bench.yaml``), printing a table for each."""
     parts, quick, threads, out = bench_args(cfg)
+    ckpt = str(cfg.ckpt) if cfg.get("ckpt") else None
+    if ckpt is not None and not Path(ckpt).exists():
+        exit_with(f"ckpt={ckpt}: no such checkpoint (an elise .ckpt or a transformers csm directory)")
     quiet()
     set_threads(threads)
     typed = [a for a in sys.argv[1:] if not a.startswith("hydra.")]
@@ -112,7 +102,7 @@ def main(cfg: DictConfig) -> int:
     start = time.perf_counter()
     for part in parts:
         t0 = time.perf_counter()
-        res, text = run_part(part, quick)
+        res, text = run_part(part, quick, ckpt)
         res["wall_s"] = time.perf_counter() - t0
         results[part] = res
         print(f"\n## {part} ({res['wall_s']:.0f} s)\n{text}", flush=True)

@@ -40,7 +40,7 @@ MAX_INT8_ROWS = 16
 INT4_GROUP = 32
 # the packed int4 kernels want the output channels in multiples of 16 (zero rows are added, then cut)
 INT4_ROWS = 16
-MODES = ("int8", "int4", "bf16")
+MODES = ("int8", "int4", "bf16")  # the ``quantize=`` values besides auto and none
 
 
 def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,17 +127,52 @@ class Bf16Matmul:
         return F.linear(x.to(torch.bfloat16), self.w).to(x.dtype)
 
 
-MATMULS: dict[str, Callable[[list[Tensor]], Callable[[Tensor], Tensor]]] = {
-    "int8": Int8Matmul,
-    "int4": Int4Matmul,
-    "bf16": Bf16Matmul,
-}
+class Fp32Matmul:
+    """``x @ W.T`` in fp32: one [K, N] copy for several weights (as ``FusedMatmul``), else ``F.linear``
+    on the weight itself (no copy). The fp32 candidate of a per-row-count plan (``RowDispatch``)."""
+
+    def __init__(self, weights: list[Tensor]):
+        self.wt = torch.cat([w.detach() for w in weights]).t().contiguous() if len(weights) > 1 else None
+        self.w = weights[0].detach()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x @ self.wt if self.wt is not None else F.linear(x, self.w)
+
+
+Maker = Callable[[list[Tensor]], Callable[[Tensor], Tensor]]
+MATMULS: dict[str, Maker] = {"int8": Int8Matmul, "int4": Int4Matmul, "bf16": Bf16Matmul}
+KERNELS: dict[str, Maker] = {"fp32": Fp32Matmul, **MATMULS}  # every candidate of ``quantize=auto``
+
+# row-count classes of one matmul call (rows = batch x sequence): a batch-1 decode step (1 row; the
+# depth decoder's first step has 2), a serving batch (up to 8 items, 16 rows at the decoder's first
+# step), a prompt prefill (more)
+ROW_CLASSES = (("frame", 2), ("batch8", 16), ("prefill", None))
+
+
+def row_class(rows: int) -> str:
+    """The ``ROW_CLASSES`` name of a call with ``rows`` rows."""
+    for name, top in ROW_CLASSES:
+        if top is None or rows <= top:
+            return name
+    raise AssertionError("unreachable: the last class has no bound")
+
+
+class RowDispatch:
+    """One matmul per row-count class (``plan``: class -> candidate), e.g. int4 for the 1-row decode
+    steps and bf16 for batches and prefill; each distinct candidate holds its own copy of the weight."""
+
+    def __init__(self, weights: list[Tensor], plan: dict[str, str]):
+        made = {cand: KERNELS[cand](weights) for cand in dict.fromkeys(plan.values())}
+        self.by_class = {name: made[plan[name]] for name, _ in ROW_CLASSES}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.by_class[row_class(x.numel() // x.shape[-1])](x)
 
 
 class Heads:
     """The 31 per-codebook decoder heads [31, Dd, V] as one matmul each on [V, Dd]."""
 
-    def __init__(self, audio_head: Tensor, make: Callable[[list[Tensor]], Callable[[Tensor], Tensor]]):
+    def __init__(self, audio_head: Tensor, make: Maker):
         self.heads = [make([audio_head[k].t()]) for k in range(audio_head.shape[0])]
 
     def __call__(self, x: Tensor, k: int) -> Tensor:
@@ -151,7 +186,23 @@ def quantize(model: CSM, mode: str) -> CSM:
     on) still uses the fp32 weights."""
     if mode not in MATMULS:
         raise ValueError(f"quantize={mode}: not one of {', '.join(MODES)}")
-    make = MATMULS[mode]
+    return attach(model, MATMULS[mode])
+
+
+def quantize_plan(model: CSM, plan: dict[str, str]) -> CSM:
+    """Per row-count class candidates (``plan``: every ``ROW_CLASSES`` name -> fp32 / bf16 / int8 /
+    int4): one candidate everywhere is ``quantize`` (fp32: the fused fp32 model), several a
+    ``RowDispatch`` per matmul. In place; returns ``model``."""
+    chosen = set(plan.values())
+    if len(chosen) == 1:
+        dequantize(model).fuse()
+        return model if chosen == {"fp32"} else quantize(model, chosen.pop())
+    return attach(model, lambda ws: RowDispatch(ws, plan))
+
+
+def attach(model: CSM, make: Maker) -> CSM:
+    """``make``'s matmuls for every projection of both stacks, the decoder-input projection and both
+    heads (``quantize``)."""
     for stack in (model.backbone, model.decoder):
         for block in stack.blocks():
             attn, mlp = block.self_attn, block.mlp

@@ -13,11 +13,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from elise.generate import FrameGenerator, SamplingConfig, generate
-from elise.layout import CODEBOOK_SIZE, NUM_CODEBOOKS, pad_rows, segment_rows
+from elise.bench.synth import demo_clip, fitted_demo
+from elise.generate import SamplingConfig, generate
+from elise.layout import NUM_CODEBOOKS
 from elise.model import build_model, kernels
-from elise.model.kernels import CANDIDATES, ROWS, choose_kernels, machine_key
-from elise.model.loss import csm_loss
+from elise.model.kernels import CANDIDATES, ROWS, Probe, choose_kernels, machine_key, teacher_forced
 from elise.model.quant import Int8Matmul, quantize
 from elise.synthesis.runtime import prepare_model
 
@@ -44,54 +44,10 @@ class CountInt8(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def item(seed: int, n_text: int, n_frames: int):
-    g = torch.Generator().manual_seed(seed)
-    text = torch.randint(3, 259, (n_text,), generator=g).tolist()
-    return segment_rows(text, torch.randint(0, CODEBOOK_SIZE, (NUM_CODEBOOKS, n_frames), generator=g))
-
-
-def fit_demo():
-    """The demo preset fitted to one short clip (logits as peaked as a trained model's on its data),
-    and that clip's rows: 6 text rows, 40 frames, the EOS frame."""
-    torch.manual_seed(0)
-    model = build_model("demo")
-    tokens, mask = pad_rows([item(0, 5, 40)])
-    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
-    for _ in range(12):
-        loss = csm_loss(model, tokens, mask, decoder_fraction=1.0).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False), tokens[0], mask[0]
-
-
 @pytest.fixture(scope="module")
 def trained():
-    return fit_demo()
-
-
-@torch.no_grad()
-def frame_logits(model, tokens, mask, prompt_rows: int):
-    """Logits [F, 32, V] of every code of the frames after ``prompt_rows``, teacher-forced (the true
-    codes are fed back, within a frame and across frames) through the generation steps."""
-    codes = tokens[prompt_rows:-1, :NUM_CODEBOOKS]  # [F, 32] (the last row is the EOS frame)
-    gen = FrameGenerator(model, 1, tokens.shape[0], GREEDY)
-    gen.prefill(tokens[None, :prompt_rows], mask[None, :prompt_rows])
-    frames = []
-    for c in codes[:, None]:  # [1, 32]
-        h, cache = gen.hidden, gen.decoder_cache
-        logits = [model.codebook0_logits(h)]
-        cache.reset()
-        out = model.decoder(model.project(torch.stack([h, model.audio_embeddings(c[:, 0])], 1)), cache=cache)
-        for k in range(1, NUM_CODEBOOKS):
-            logits.append(model.codebook_logits(out[:, -1], k))
-            if k < NUM_CODEBOOKS - 1:
-                out = model.decoder(
-                    model.project(model.embed_codes(c[:, k : k + 1], slice(k, k + 1))), cache=cache
-                )
-        frames.append(torch.stack(logits, 1)[0])  # [32, V]
-        gen.advance(c)
-    return torch.stack(frames)  # [F, 32, V]
+    """The demo model fitted to one clip, and its probe (20 prompt rows, 21 teacher-forced frames)."""
+    return fitted_demo()
 
 
 # int8 prefill by int8 x int8 (20 rows) / by the matrix-vector kernel (8 rows; 37 frames, ~55 s: slow)
@@ -99,11 +55,14 @@ def frame_logits(model, tokens, mask, prompt_rows: int):
     "mode, prompt_rows", [("int8", 20), ("int4", 20), pytest.param("int8", 8, marks=pytest.mark.slow)]
 )
 def test_quantized_logits_close_to_fp32_on_a_trained_model(trained, mode, prompt_rows):
-    model, tokens, mask = trained
-    ref = frame_logits(model, tokens, mask, prompt_rows)[..., :CODEBOOK_SIZE]  # [F, 32, 2048]
-    got = frame_logits(quantize(copy.deepcopy(model), mode), tokens, mask, prompt_rows)[..., :CODEBOOK_SIZE]
-    rel = (got - ref).norm(dim=-1) / ref.norm(dim=-1)  # [F, 32] relative error of each logit vector
-    agree = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    model, probe = trained
+    probe = Probe(
+        probe.tokens[:prompt_rows], probe.mask[:prompt_rows], demo_clip()[0][prompt_rows:-1, :NUM_CODEBOOKS]
+    )
+    ref_logits, ref_codes = teacher_forced(model, probe)  # [F, 32, 2048], [F, 32]
+    got_logits, got_codes = teacher_forced(quantize(copy.deepcopy(model), mode), probe)
+    rel = (got_logits - ref_logits).norm(dim=-1) / ref_logits.norm(dim=-1)  # [F, 32] per logit vector
+    agree = float((got_codes == ref_codes).float().mean())
     mean_bound, worst_bound, agree_bound = BOUNDS[mode]
     assert 0 < float(rel.mean()) < mean_bound and float(rel.max()) < worst_bound
     assert agree >= agree_bound
@@ -111,23 +70,27 @@ def test_quantized_logits_close_to_fp32_on_a_trained_model(trained, mode, prompt
 
 def test_auto_rejects_int4_and_keeps_int8_on_a_trained_model(trained, tmp_path):
     """With int4 timed fastest, then int8: int4 fails the agreement check on the demo model, int8 passes."""
-    model, _, _ = trained
+    model, probe = trained
     model = prepare_model(copy.deepcopy(model), torch.float32)
     cache = tmp_path / "kernels.json"
     order = ("int4", "int8", "bf16", "fp32")
     timings = {c: {name: 1e-3 * (order.index(c) + 1) for name in ROWS} for c in CANDIDATES}
     key = machine_key(model, torch.device("cpu")) + "|" + ",".join(CANDIDATES)
     cache.write_text(json.dumps({key: {"timings": timings, "date": "test"}}))
-    choice = choose_kernels(model, cache=cache)
+    choice = choose_kernels(model, cache=cache, probe=probe)
     assert choice.mode == "int8" and isinstance(model.fast["codebook0_head"], Int8Matmul)
-    assert choice.errors["int4"] > kernels.MAX_REL_ERROR > choice.errors["int8"] > 0
+    assert (
+        choice.agreement["int4"].codes_equal
+        < kernels.MIN_CODE_AGREEMENT
+        <= choice.agreement["int8"].codes_equal
+    )
 
 
 def test_int8_synthesis_runs_the_int8_kernels():
     torch.manual_seed(0)
     model = prepare_model(build_model("tiny"), torch.float32, quantize="int8")
     cfg = model.cfg
-    tokens, mask = item(1, 9, 10)  # 10 text rows + 10 frames: a 20-row prompt
+    tokens, mask = demo_clip(1, 9, 10)  # 10 text rows + 10 frames: a 20-row prompt
     frames = 2
     with torch.no_grad(), CountInt8() as count:
         generate(model, tokens[None, :20], mask[None, :20], frames, GREEDY, stop_on_eos=False)
@@ -160,7 +123,7 @@ def test_int4_synthesis_runs_the_int4_kernels():
     torch.manual_seed(0)
     model = prepare_model(build_model("tiny"), torch.float32, quantize="int4")
     cfg = model.cfg
-    tokens, mask = item(1, 9, 10)
+    tokens, mask = demo_clip(1, 9, 10)
     frames = 2
     with torch.no_grad(), CountInt4() as count:
         codes, _ = generate(model, tokens[None, :20], mask[None, :20], frames, GREEDY, stop_on_eos=False)
