@@ -10,7 +10,6 @@ codec identity and the speaker map. A model trained on another codec (``tiny``) 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +68,7 @@ def export_checkpoint(
     record = {"codec": codec, "speakers": loaded.speakers, "exported_from": str(ckpt)}
     if "lora" in loaded.meta:  # adapters merged: which base they were merged into
         record["lora_merged_into"] = {k: loaded.meta["lora"][k] for k in ("base", "sha256")}
-    files = export_transformers_dir(loaded.model, loaded.tokenizer, out, codec_config, codec_state, record)
-    mode = 0o666 & ~_umask()  # what a plain open() gives: safetensors/tempfiles may write 0600
-    for f in files:
-        os.chmod(f, mode)
-    return files
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return export_transformers_dir(loaded.model, loaded.tokenizer, out, codec_config, codec_state, record)
 
 
 def main(cfg: DictConfig) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -246,10 +248,40 @@ def export_transformers_dir(
     Always: config.json, model.safetensors, tokenizer.json, elise.json (``record``: codec identity and
     speakers). With ``codec_state`` (a transformers ``MimiModel`` state dict, ``mimi_to_transformers``)
     the codec weights go in as ``codec_model.*`` and the processor files are written, so that
-    ``AutoProcessor.from_pretrained(out)`` and ``generate(..., output_audio=True)`` work.
+    ``AutoProcessor.from_pretrained(out)`` and ``generate(..., output_audio=True)`` work. Every file
+    gets the mode a plain ``open()`` gives (``0o666 & ~umask``); other files in ``out`` are left alone.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    stage = out / f".export-{os.getpid()}"  # the files written, apart from any already in ``out``
+    stage.mkdir(exist_ok=True)
+    try:
+        _write_dir(model, tokenizer, stage, codec_config, codec_state, record)
+        mode = 0o666 & ~_umask()  # what a plain open() gives; safetensors writes 0600
+        files = []
+        for written in sorted(p for p in stage.iterdir() if p.is_file()):
+            os.chmod(written, mode)
+            files.append(out / written.name)
+            os.replace(written, files[-1])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return files
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_dir(
+    model: CSM,
+    tokenizer: Tokenizer,
+    out: Path,
+    codec_config: dict[str, Any] | None,
+    codec_state: dict[str, torch.Tensor] | None,
+    record: dict[str, Any] | None,
+) -> None:
     state = {to_transformers_key(k): v.detach().float().contiguous() for k, v in model.state_dict().items()}
     state[TIED_DECODER_EMBEDDINGS] = state["backbone_model.embed_tokens.embed_audio_tokens.weight"].clone()
     for key, value in (codec_state or {}).items():
@@ -262,7 +294,6 @@ def export_transformers_dir(
     (out / ELISE_JSON).write_text(json.dumps(record or {}, indent=2, sort_keys=True), encoding="utf-8")
     if codec_state is not None:
         _write_processor(out, tokenizer)
-    return sorted(p for p in out.iterdir() if p.is_file())
 
 
 def _write_processor(out: Path, tokenizer: Tokenizer) -> None:

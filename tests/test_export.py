@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import warnings
 
@@ -49,8 +50,6 @@ def test_tiny_model_exports_without_a_mimi_codec_and_records_codec_and_speakers(
     assert record["codec"] == TINY and record["speakers"] == {"alice": 0, "bob": 1}
     back = load_model(tmp_path / "out")  # the record comes back with the directory
     assert back.codec == TINY and back.speakers == {"alice": 0, "bob": 1}
-    for f in files:  # plain permissions, like any file the user writes
-        assert stat.S_IMODE(f.stat().st_mode) & 0o644 == 0o644
     with pytest.raises(ExportError, match="trained on codec=tiny, not Mimi"):
         export_checkpoint(ckpt, tmp_path / "out2", codec_config={"model_type": "mimi"})
 
@@ -61,8 +60,35 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty; pass overwrite=true"):
         export_checkpoint(ckpt, tmp_path / "out")
-    export_checkpoint(ckpt, tmp_path / "out", overwrite=True)
+    (tmp_path / "out" / "notes.txt").chmod(0o600)
+    files = export_checkpoint(ckpt, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # only our files are replaced
+    assert "notes.txt" not in {f.name for f in files}  # not ours: not listed, its mode kept
+    assert stat.S_IMODE((tmp_path / "out" / "notes.txt").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exported_files_get_the_mode_a_plain_open_gives(tmp_path, umask):
+    """The transformers writer itself (``export_transformers_dir``, also used by the benchmark) sets
+    the modes: safetensors writes 0600 whatever the umask."""
+    from elise.interop import export_transformers_dir
+    from elise.text import ByteTokenizer
+
+    previous = os.umask(umask)
+    try:
+        files = export_transformers_dir(build_model("tiny"), ByteTokenizer(), tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert sorted(f.name for f in files) == [
+        "config.json",
+        "elise.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f.name for f in files
+    )  # no stage left
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o666 & ~umask for f in files}
 
 
 def test_exported_config_loads_without_token_id_warnings(tmp_path, caplog):

@@ -56,6 +56,7 @@ class DialogueRequest(BaseModel):
     temperature: float | None = None
     top_k: int | None = None
     pause_ms: float | None = None
+    overlap_ms: float | None = None  # each turn starts this long before the previous one ends (not streamed)
     context_turns: int | None = None
     stream_format: str | None = None  # audio: bytes as made (wav, pcm); sse: audio deltas + turn events
 
@@ -70,6 +71,7 @@ class Plan:
     sampling: SamplingConfig
     seed: int
     context_turns: int | None
+    overlap_ms: float = 0.0
 
 
 def check(server: Any, body: DialogueRequest) -> Plan:
@@ -94,6 +96,12 @@ def check(server: Any, body: DialogueRequest) -> Plan:
     pause = s.pause_ms if body.pause_ms is None else float(body.pause_ms)
     if not 0 <= pause <= MAX_PAUSE_MS:
         raise ApiError(400, f"pause_ms={pause}: use 0 to {MAX_PAUSE_MS}", "pause_ms")
+    overlap = 0.0 if body.overlap_ms is None else float(body.overlap_ms)
+    if not 0 <= overlap <= MAX_PAUSE_MS:
+        raise ApiError(400, f"overlap_ms={overlap}: use 0 to {MAX_PAUSE_MS}", "overlap_ms")
+    if overlap and body.stream_format is not None:
+        raise ApiError(400, "overlap_ms needs the whole conversation (leave stream_format out): streamed "
+                       "audio is sent before the next turn exists", "overlap_ms")  # fmt: skip
     if body.context_turns is not None and body.context_turns < 0:
         raise ApiError(400, f"context_turns={body.context_turns}: use 0 or more (null: all that fit)",
                        "context_turns")  # fmt: skip
@@ -106,7 +114,7 @@ def check(server: Any, body: DialogueRequest) -> Plan:
     planner = Synthesizer(server.synth.model, server.synth.tokenizer, server.synth.codec,
                           replace(s, seed=seed, pause_ms=pause, batch_size=1), server.synth.speakers)  # fmt: skip
     planner.max_len = server.batcher.max_len  # the worker's positions, not only the model's
-    return Plan(script, voices, planner, sampling, seed, body.context_turns)
+    return Plan(script, voices, planner, sampling, seed, body.context_turns, overlap)
 
 
 def resolve(server: Any, script: Script, names: dict[str, str]) -> dict[str, Voice]:
@@ -188,7 +196,7 @@ def run(server: Any, plan: Plan, deadline: float, on_audio: OnAudio | None = Non
     """Generate the conversation (blocking: call it off the event loop); with ``on_audio`` streamed
     (the joined audio chunk by chunk, pauses included) and ``on_turn`` after each turn."""
     return converse(plan.planner, [plan.script], plan.voices, plan.context_turns, on_audio is not None,
-                    on_audio, on_turn, generate=worker(server, plan.sampling, deadline, stop))[0]  # fmt: skip
+                    on_audio, on_turn, plan.overlap_ms, worker(server, plan.sampling, deadline, stop))[0]  # fmt: skip
 
 
 def sse(event: dict[str, Any]) -> bytes:
@@ -209,4 +217,5 @@ def body_json(plan: Plan, conv: Conversation, audio: str, audio_format: str) -> 
 
 def timeline_of(plan: Plan, conv: Conversation) -> dict[str, Any]:
     """``synthesize.py``'s timeline.json of the conversation."""
-    return timeline(plan.script, conv.turns, plan.planner.sample_rate, plan.planner.settings.pause_ms)
+    return timeline(plan.script, conv.turns, plan.planner.sample_rate, plan.planner.settings.pause_ms,
+                    overlap_ms=plan.overlap_ms)  # fmt: skip

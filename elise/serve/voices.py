@@ -2,14 +2,14 @@
 checkpoint (its name, or ``default``: ``speaker`` of the config without a reference).
 
 Uploaded voices are encoded once (``elise.synthesis.load_references``: the engine's checks and
-codec) and kept in ``voices_dir`` as ``<name>.json`` (transcript, speaker, codec identity) and
-``<name>.npy`` (int16 codes [32, T], read back with ``allow_pickle=False``: nothing is unpickled).
-Names are 1-64 letters, digits, ``_`` or ``-`` (never a path), so no file escapes ``voices_dir``.
+codec) and kept in ``voices_dir`` in the stored-voice files of ``elise.synthesis.stored`` (which
+``synthesize.py voices=<folder>`` reads too). Names are 1-64 letters, digits, ``_`` or ``-`` (never a
+path), so no file escapes ``voices_dir``. Reads, writes and deletes hold one lock, so a request never
+sees a voice half replaced or half deleted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import tempfile
@@ -17,10 +17,15 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from elise.synthesis import Segment, SynthesisError, Synthesizer, load_references
+from elise.synthesis.stored import (
+    StoredVoice,
+    delete_stored,
+    is_stored,
+    read_stored,
+    stored_paths,
+    write_stored,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +73,33 @@ class VoiceStore:
         out = [{"name": n, "kind": "speaker"} for n in self.builtin]
         if self.dir is not None:
             for meta in sorted(self.dir.glob("*.json")):
-                if NAME.fullmatch(meta.stem) and meta.stem not in self.builtin:
+                if (
+                    NAME.fullmatch(meta.stem)
+                    and meta.stem not in self.builtin
+                    and is_stored(self.dir, meta.stem)
+                ):
                     out.append({"name": meta.stem, "kind": "uploaded"})
         return out
 
-    def _paths(self, name: str) -> tuple[Path, Path]:
-        assert self.dir is not None
-        return self.dir / f"{name}.json", self.dir / f"{name}.npy"
-
     def get(self, name: str) -> Voice:
-        """The voice called ``name``; VoiceError (400) when there is none."""
+        """The voice called ``name``; VoiceError (400) when there is none (or its files are unreadable)."""
         if name in self.builtin:
             return Voice(name, self.synth.speaker_id(self.builtin[name]), [], "speaker")
         if self.dir is None or not NAME.fullmatch(str(name)):
             raise VoiceError(f"unknown voice {name!r}; GET /v1/audio/voices lists them")
-        meta_path, codes_path = self._paths(name)
-        if not meta_path.is_file() or not codes_path.is_file():
-            raise VoiceError(f"unknown voice {name!r}; GET /v1/audio/voices lists them")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("codec") != self.codec_identity():
+        with self.lock:
+            if not is_stored(self.dir, name):
+                raise VoiceError(f"unknown voice {name!r}; GET /v1/audio/voices lists them")
+            try:
+                stored = read_stored(self.dir, name)
+            except SynthesisError as err:
+                raise VoiceError(f"{err}; upload it again") from err
+        if stored.codec != self.codec_identity():
             raise VoiceError(
-                f"voice {name!r} was encoded with another codec ({meta.get('codec')}); upload it again"
+                f"voice {name!r} was encoded with another codec ({stored.codec}); upload it again"
             )
-        codes = torch.from_numpy(np.load(codes_path, allow_pickle=False).astype(np.int64))  # [32, T]
-        speaker = meta["speaker"]
-        return Voice(name, speaker, [Segment(meta["text"], speaker, codes)], "uploaded", meta["text"])
+        seg = Segment(stored.text, stored.speaker, stored.codes)
+        return Voice(name, stored.speaker, [seg], "uploaded", stored.text)
 
     def codec_identity(self) -> str:
         return str(self.synth.codec.identity)
@@ -118,25 +125,16 @@ class VoiceStore:
             except SynthesisError as err:
                 raise VoiceError(str(err).replace(str(path), "the uploaded audio")) from err
         seg = segments[0]
-        meta = {
-            "text": seg.text,
-            "speaker": sid,
-            "codec": self.codec_identity(),
-            "frames": int(seg.codes.shape[1]),
-        }
-        meta_path, codes_path = self._paths(name)
         with self.lock:
-            np.save(codes_path, seg.codes.numpy().astype(np.int16), allow_pickle=False)
-            meta_path.write_text(json.dumps(meta), encoding="utf-8")
-        log.info("voice %s added (%d frames)", name, meta["frames"])
+            write_stored(self.dir, name, StoredVoice(seg.text, sid, self.codec_identity(), seg.codes))
+        log.info("voice %s added (%d frames)", name, seg.codes.shape[1])
         return Voice(name, sid, [seg], "uploaded", seg.text)
 
     def delete(self, name: str) -> None:
         check_name(name)
         if name in self.builtin:
             raise VoiceError(f"voice {name!r} is a speaker of the checkpoint; it cannot be deleted")
-        if self.dir is None or not self._paths(name)[0].is_file():
-            raise VoiceError(f"no voice {name!r}", status=404)
         with self.lock:
-            for path in self._paths(name):
-                path.unlink(missing_ok=True)
+            if self.dir is None or not any(p.is_file() for p in stored_paths(self.dir, name)):
+                raise VoiceError(f"no voice {name!r}", status=404)
+            delete_stored(self.dir, name)

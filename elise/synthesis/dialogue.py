@@ -15,7 +15,6 @@ when the longest prompt would leave another item's turn too few positions, it gi
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from torch import Tensor
 from elise.synthesis.engine import OnChunk, Request, Result, Synthesizer, resolve_speaker
 from elise.synthesis.errors import SynthesisError, one_line
 from elise.synthesis.prompt import Segment, check_references, load_references
+from elise.synthesis.stored import StoredVoice, is_stored, read_stored
 from elise.synthesis.text import max_frames, normalize
 from elise.text import Tokenizer, encode_prompt
 
@@ -126,9 +126,7 @@ class Voice:
     speaker: int | str
     clips: list[tuple[str, str, np.ndarray]] = field(default_factory=list)  # check_references' output
     prompt: list[Segment] = field(default_factory=list)  # the clips encoded (encode_voices)
-    stored: tuple[str, Tensor, str] | None = (
-        None  # a server voice: (transcript, codes [32, T], codec identity)
-    )
+    stored: StoredVoice | None = None  # a server voice (elise.synthesis.stored), encoded already
 
 
 def read_voices(voices: object, max_seconds: float | None = 30.0) -> dict[str, Voice]:
@@ -172,28 +170,22 @@ def _folder_voices(folder: Path, max_seconds: float | None) -> dict[str, Voice]:
             f"voices={folder} is not a folder (or give voices={{name: {{audio: ..., text: ...}}}})"
         )
     clips = {p.stem: p for p in folder.iterdir() if p.suffix.lower() in AUDIO_SUFFIXES}
-    stored = {p.stem: p for p in folder.glob("*.json") if p.with_suffix(".npy").is_file()}
+    stored = {p.stem for p in folder.glob("*.json") if is_stored(folder, p.stem)}
     out = {}
-    for i, name in enumerate(sorted(clips.keys() | stored.keys())):
+    for i, name in enumerate(sorted(clips.keys() | stored)):
+        if name not in clips:
+            voice = read_stored(folder, name)  # the server's stored voice (a one-line error when unreadable)
+            out[name] = Voice(name, i, stored=voice)
+            continue
+        transcript = clips[name].with_suffix(".txt")
+        if not transcript.is_file():
+            raise SynthesisError(f"voice {clips[name]} has no transcript {transcript.name} next to it")
         try:
-            if name in clips:
-                transcript = clips[name].with_suffix(".txt")
-                if not transcript.is_file():
-                    raise SynthesisError(
-                        f"voice {clips[name]} has no transcript {transcript.name} next to it"
-                    )
-                entry = {"audio": str(clips[name]), "text": transcript.read_text(encoding="utf-8").strip()}
-                out[name] = Voice(name, i, _clips(name, entry, max_seconds))
-            else:
-                meta = json.loads(stored[name].read_text(encoding="utf-8"))
-                codes = np.load(
-                    stored[name].with_suffix(".npy"), allow_pickle=False
-                )  # [32, T], nothing unpickled
-                voice = (str(meta["text"]), torch.from_numpy(codes.astype(np.int64)), str(meta.get("codec")))
-                out[name] = Voice(name, i, stored=voice)
+            entry = {"audio": str(clips[name]), "text": transcript.read_text(encoding="utf-8").strip()}
+            out[name] = Voice(name, i, _clips(name, entry, max_seconds))
         except SynthesisError:
             raise
-        except (OSError, UnicodeDecodeError, ValueError, KeyError) as err:
+        except (OSError, UnicodeDecodeError, ValueError) as err:
             raise SynthesisError(f"cannot read voice {name!r} in {folder}: {one_line(err)}") from err
     if not out:
         raise SynthesisError(f"voices={folder} holds no voices (<name>.wav + <name>.txt, or the server's)")
@@ -225,12 +217,12 @@ def encode_voices(voices: dict[str, Voice], codec: Any, max_seconds: float | Non
     """Encode every voice's clips into its prompt segments (once; each turn reuses them)."""
     for voice in voices.values():
         if voice.stored is not None:
-            text, codes, identity = voice.stored
-            if identity != str(codec.identity):
+            stored = voice.stored
+            if stored.codec != str(codec.identity):
                 raise SynthesisError(
-                    f"voice {voice.name!r} was encoded with codec {identity}, not {codec.identity}"
+                    f"voice {voice.name!r} was encoded with codec {stored.codec}, not {codec.identity}"
                 )
-            voice.prompt = [Segment(text, voice.speaker, codes)]
+            voice.prompt = [Segment(stored.text, voice.speaker, stored.codes)]
             continue
         paths, texts = [c[0] for c in voice.clips], [c[1] for c in voice.clips]
         voice.prompt = load_references(paths, texts, voice.speaker, codec, max_seconds, voice.clips)
@@ -333,22 +325,23 @@ def converse(synth: Synthesizer, scripts: list[Script], voices: dict[str, Voice]
             on_audio(c, audio)
 
     convs = [Conversation(script) for script in scripts]
+    rows = RowCounter(synth)
     bs = max(1, int(s.batch_size))
     for k in range(max(len(script.turns) for script in scripts)):
         active = [c for c, script in enumerate(scripts) if k < len(script.turns)]
         for g in range(0, len(active), bs):
-            plans = [_plan(synth, convs[c], c, k, voices, context_turns) for c in active[g : g + bs]]
-            _fit_batch(synth, plans)
+            plans = [_plan(synth, rows, convs[c], c, k, voices, context_turns) for c in active[g : g + bs]]
+            _fit_batch(synth, rows, plans)
             for p in plans:
                 _log_context(convs[p.conv].script, k, p, synth.max_len)
-            _round(synth, convs, plans, (pause, overlap), stream, emit, on_turn, generate)
+            _round(synth, rows, convs, plans, (pause, overlap), stream, emit, on_turn, generate)
     for c, conv in enumerate(convs):
         emit(c, conv.tail)
         conv.tail = torch.zeros(0)
     return convs
 
 
-def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], gap: tuple[Tensor, int],
+def _round(synth: Synthesizer, rows: RowCounter, convs: list[Conversation], plans: list[Plan], gap: tuple[Tensor, int],
            stream: bool, emit: OnAudio, on_turn: Callable[[int, TurnResult], None] | None,
            generate: Generate | None = None) -> None:  # fmt: skip
     sr = synth.sample_rate
@@ -374,7 +367,7 @@ def _round(synth: Synthesizer, convs: list[Conversation], plans: list[Plan], gap
             turn=len(conv.turns) + 1, line=p.turn.line, speaker=p.turn.speaker, speaker_id=p.speaker,
             text=p.turn.text, audio=res.audio, codes=res.codes, eos=all(res.eos), start=start,
             end=start + res.audio.numel() / sr, context=[n for n, _ in p.kept], dropped=p.dropped,
-            prompt_rows=_rows(synth, p.context()) + p.text_rows[0], seed=p.seed,
+            prompt_rows=rows(p.context()) + p.text_rows[0], seed=p.seed,
         )  # fmt: skip
         conv.turns.append(turn)
         if res.codes.shape[1] > 0:
@@ -403,7 +396,7 @@ def _join(conv: Conversation, audio: Tensor, gap: tuple[Tensor, int], emit: Call
     return start
 
 
-def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[str, Voice],
+def _plan(synth: Synthesizer, rows: RowCounter, conv: Conversation, c: int, k: int, voices: dict[str, Voice],
           context_turns: int | None) -> Plan:  # fmt: skip
     """Turn k's context: the speakers' voice prompts and as many of the latest turns as fit."""
     s, turn = synth.settings, conv.script.turns[k]
@@ -413,9 +406,9 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
     prompts = [seg for name in names if name in voices for seg in voices[name].prompt]
     pieces = synth.pieces(Request(turn.text))
     limits = [max_frames(p, s.max_audio_seconds, s.bound) for p in pieces]
-    text_rows = [len(encode_prompt(_tokenizer(synth), p, speaker)) for p in pieces]
+    text_rows = [len(encode_prompt(rows.tokenizer, p, speaker)) for p in pieces]
     need = max(r + n for r, n in zip(text_rows, limits, strict=True))
-    fixed = _rows(synth, prompts) + need
+    fixed = rows(prompts) + need
     if fixed > synth.max_len:
         raise SynthesisError(
             f"{conv.script.source} line {turn.line}: the voice prompts and this turn need {fixed} of the "
@@ -424,19 +417,19 @@ def _plan(synth: Synthesizer, conv: Conversation, c: int, k: int, voices: dict[s
     latest = len(conv.history) if context_turns is None else context_turns
     history = conv.history[max(0, len(conv.history) - latest) :]
     kept = list(history)
-    while kept and fixed + _rows(synth, [seg for _, seg in kept]) > synth.max_len:
+    while kept and fixed + rows([seg for _, seg in kept]) > synth.max_len:
         kept.pop(0)
     seed = int(s.seed) + SEED_STRIDE * c + k + 1
     return Plan(c, turn, speaker, prompts, kept, len(history) - len(kept), text_rows, limits, seed)
 
 
-def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
+def _fit_batch(synth: Synthesizer, count: RowCounter, plans: list[Plan]) -> None:
     """Prompts of a batch are left-padded to the longest: drop old turns of the longest prompts until
     the batch's longest frame limit still fits after them (a conversation alone never needs this)."""
     if len(plans) < 2:
         return
     while True:
-        rows = [_rows(synth, p.context()) + max(p.text_rows) for p in plans]
+        rows = [count(p.context()) + max(p.text_rows) for p in plans]
         if max(rows) + max(max(p.limits) for p in plans) <= synth.max_len:
             return
         longest = max((i for i, p in enumerate(plans) if p.kept), key=lambda i: rows[i], default=None)
@@ -446,12 +439,25 @@ def _fit_batch(synth: Synthesizer, plans: list[Plan]) -> None:
         plans[longest].dropped += 1
 
 
-def _rows(synth: Synthesizer, segments: list[Segment]) -> int:
-    """Prompt rows of context segments: text rows, audio rows and the EOS row each."""
-    tok = _tokenizer(synth)
-    return sum(
-        len(encode_prompt(tok, seg.text, seg.speaker)) + int(seg.codes.shape[1]) + 1 for seg in segments
-    )
+class RowCounter:
+    """Prompt rows of context segments (text rows, audio rows and the EOS row each), each segment
+    tokenized once per ``converse`` call: planning asks about the same history turns again and again."""
+
+    def __init__(self, synth: Synthesizer):
+        self.tokenizer = _tokenizer(synth)
+        self.known: dict[
+            int, tuple[Segment, int]
+        ] = {}  # id -> (the segment, kept alive: ids stay unique; rows)
+
+    def __call__(self, segments: list[Segment]) -> int:
+        total = 0
+        for seg in segments:
+            hit = self.known.get(id(seg))
+            if hit is None:
+                n = len(encode_prompt(self.tokenizer, seg.text, seg.speaker)) + int(seg.codes.shape[1]) + 1
+                hit = self.known[id(seg)] = (seg, n)
+            total += hit[1]
+        return total
 
 
 def _tokenizer(synth: Synthesizer) -> Tokenizer:

@@ -69,6 +69,30 @@ def test_the_same_seed_gives_the_same_bytes_and_the_engines_conversation(served)
     assert np.abs(served_audio - expected).max() <= 1.5 / 32767  # pcm16 rounding only
 
 
+def test_overlapping_turns_equal_the_engines_overlapping_conversation(served):
+    url, server = served
+    body = {"script": SCRIPT, "seed": 11, "response_format": "json", "audio_format": "pcm", "overlap_ms": 200}
+    r = post(url, body)
+    assert r.status_code == 200, r.text
+    tl = r.json()["timeline"]
+    assert tl["overlap_ms"] == 200 and tl["pause_ms"] == 0.0
+    turns = tl["turns"]
+    for a, b in zip(turns, turns[1:], strict=False):
+        assert b["start"] == pytest.approx(a["end"] - 0.2, abs=1e-4)  # each turn starts 200 ms early
+    synth = server.synth
+    engine = Synthesizer(
+        synth.model, synth.tokenizer, synth.codec, replace(synth.settings, seed=11), synth.speakers
+    )
+    conv = converse(engine, [parse_script(SCRIPT, "script")], {"0": Voice("0", 0), "1": Voice("1", 1)},
+                    overlap_ms=200)[0]  # fmt: skip
+    served_audio = np.frombuffer(base64.b64decode(r.json()["audio"]), dtype="<i2").astype(np.float32) / 32767
+    expected = np.clip(conv.audio(SR).numpy(), -1, 1)
+    assert (
+        served_audio.shape == expected.shape == (sum(t["frames"] for t in turns) * SPF - 2 * round(0.2 * SR),)
+    )
+    assert np.abs(served_audio - expected).max() <= 1.5 / 32767
+
+
 def test_streamed_conversations_equal_the_whole_and_sse_carries_the_timeline(served):
     url, _ = served
     body = {"script": SCRIPT, "seed": 21, "response_format": "pcm"}
@@ -166,6 +190,12 @@ def test_server_voices_speak_the_turns(served, tmp_path):
         ({"response_format": "ogg"}, "response_format", "response_format='ogg'"),
         ({"response_format": "json", "audio_format": "json"}, "audio_format", "audio_format='json'"),
         ({"pause_ms": -1}, "pause_ms", "pause_ms=-1"),
+        ({"overlap_ms": -5}, "overlap_ms", "overlap_ms=-5"),
+        (
+            {"overlap_ms": 200, "stream_format": "audio", "response_format": "pcm"},
+            "overlap_ms",
+            "leave stream_format out",
+        ),
         ({"context_turns": -2}, "context_turns", "context_turns=-2"),
         ({"temperature": 9}, "temperature", "temperature=9"),
         ({"stream_format": "chunks"}, "stream_format", "stream_format='chunks'"),

@@ -241,6 +241,31 @@ def test_long_script_stays_within_the_positions_and_logs_dropped_turns(tiny_ckpt
     assert [t.context for t in convs[0].turns] == [[], [1], [1, 2], [2, 3], [3, 4]]  # alone: [1, 2, 3] ...
 
 
+def test_planning_tokenizes_each_turn_once(tiny_ckpt, monkeypatch):
+    """A long conversation's planning (which turns fit) tokenizes each earlier turn once, not once per
+    later turn and per dropped turn: 30 turns, 30 + 29 tokenizations (was over 400)."""
+    import elise.synthesis.dialogue as dialogue
+
+    counted = []
+    encode = dialogue.encode_prompt
+
+    def spy(tokenizer, text, speaker):
+        counted.append(text)
+        return encode(tokenizer, text, speaker)
+
+    def generate(requests, _on_chunk):  # no model: 3 frames of codes per turn
+        codes = torch.ones(NUM_CODEBOOKS, 3, dtype=torch.long)
+        return [engine.Result(torch.zeros(3 * SPF), SR, [codes], [True], {}) for _ in requests]
+
+    monkeypatch.setattr(dialogue, "encode_prompt", spy)
+    s = synth(tiny_ckpt)
+    s.max_len = 200  # room for a few turns: the oldest are dropped again and again
+    script = parse_script("\n".join(f"{i % 2}: Turn number {i} here." for i in range(30)))
+    [conv] = converse(s, [script], generate=generate)
+    assert sum(t.dropped for t in conv.turns) > 20  # planning had to drop turns
+    assert len(counted) == 30 + 29  # each turn's text rows once, each earlier turn as context once
+
+
 def test_folder_of_scripts_in_one_batch_equals_one_by_one(tiny_ckpt, tmp_path, voices):
     folder = tmp_path / "scripts"
     folder.mkdir()
@@ -293,7 +318,7 @@ def test_voices_folder_and_command_line_spelling(tiny_ckpt, tmp_path, voices):
     [bob] = read_voices(str(folder)).values()
     with pytest.raises(SynthesisError, match="voice 'bob' was encoded with codec other, not tiny"):
         encode_voices({"bob": bob}, build_codec("tiny"))
-    bob.stored = (bob.stored[0], bob.stored[1], build_codec("tiny").identity)
+    bob.stored.codec = build_codec("tiny").identity
     encode_voices({"bob": bob}, build_codec("tiny"))
     assert bob.prompt[0].text == "Bob here." and torch.equal(
         bob.prompt[0].codes, torch.from_numpy(codes).long()
