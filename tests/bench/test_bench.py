@@ -10,7 +10,7 @@ import torch
 
 from elise.bench.common import PeakRSS, alternate, table, write_json
 from elise.bench.synth import bench_synth, random_model, weight_bytes_per_frame
-from elise.bench.train import bench_train_preset, random_batch
+from elise.bench.train import bench_train_preset, random_batch, transformers_default_optim
 from elise.generate import SamplingConfig, generate
 from elise.layout import segment_rows
 from elise.model import build_model
@@ -183,6 +183,17 @@ def test_bench_train_tiny_same_loss_as_transformers():
     assert ours["tokens_per_s"] > 0 and theirs["tokens_per_s"] > 0 and ours["x_transformers"] > 0
     # same weights, same batch, same (full) decoder subset: the two losses agree after identical steps
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-3)
+    # the step is forward + backward + AdamW, timed apart; each side also timed both AdamW implementations
+    for case in (ours, theirs):
+        assert case["step_s"] == pytest.approx(case["fwd_bwd_s"] + case["opt_s"])
+        assert case["opt_fused_s"] > 0 and case["opt_for_loop_s"] > 0
+    assert res["elise_optim"] == "fused"  # optim.impl=auto on CPU
+    name, impl = transformers_default_optim()
+    assert res["transformers_optim"] == name and impl in ("fused", "for_loop")
+    assert theirs[f"opt_{impl}_s"] == theirs["opt_s"]
+    same = (theirs["fwd_bwd_s"] + theirs["opt_for_loop_s"]) / (ours["fwd_bwd_s"] + ours["opt_for_loop_s"])
+    assert ours["x_transformers_for_loop"] == pytest.approx(same)
+    assert ours["x_transformers_fwd_bwd"] == pytest.approx(theirs["fwd_bwd_s"] / ours["fwd_bwd_s"])
     # bf16 autocast on both sides: compared with each other and with fp32 (bf16 rounding: ~1e-3)
     ours16, theirs16 = res["cases"]["elise_bf16_f1"], res["cases"]["transformers_bf16_f1"]
     assert ours16["x_transformers"] > 0 and ours16["x_fp32"] > 0 and theirs16["x_fp32"] > 0
