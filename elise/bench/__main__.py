@@ -69,7 +69,7 @@ def run_part(part: str, quick: bool, ckpt: str | None = None) -> tuple[dict, str
 
         res = bench_serve(quick)
         cols = ["case", "max_batch", "clients", "audio_s_per_s", "vs max_batch=1", "ttfb_p50", "ttfb_p95",
-                "latency_p50", "latency_p95"]  # fmt: skip
+                "latency_p50", "latency_p95", "prefill_s", "frame_s", "decode_s"]  # fmt: skip
         return res, table(serve_rows(res), cols)
     from elise.bench.gpu import bench_gpu
 
