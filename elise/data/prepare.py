@@ -86,8 +86,14 @@ def prepare(
     shard, num_shards = int(shard), int(num_shards)
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"prepare.shard must be in [0, prepare.num_shards), got {shard} of {num_shards}")
-    listing = list_items(cfg)
     settings = f"sr={codec.sample_rate}|nq={codec.num_codebooks}"
+    done = _finished_stream(cfg, dataset_name(cfg, codec.identity, settings, tokenizer))
+    if done is not None:
+        if progress:
+            print(f"{done.index} is whole: the stream is not read again (delete it to read the stream anew)")
+            print_report(done.report)
+        return done
+    listing = list_items(cfg)
     cache = open_store(
         cfg, codec.identity, settings, writer="w0" if num_shards == 1 else f"s{shard}of{num_shards}"
     )
@@ -109,6 +115,20 @@ def prepare(
         parts = [part]
     secs = time.perf_counter() - start
     return _finish(cfg, parts, codec, cache, speakers, name, run.strict, secs, progress)
+
+
+def _finished_stream(cfg: dict, name: str) -> PreparedData | None:
+    """A streamed source (``data.streaming``) whose shard-store index is whole: that result (its
+    report and index; no examples, training reads the index), so training on a prepared stream does
+    not read the whole stream again. None otherwise (the npy store keeps no index)."""
+    if not cfg.get("streaming") or str(cfg.get("store") or "npy") != "shards":
+        return None
+    index = index_path(cfg["cache_dir"], name)
+    side = index.with_suffix(".json")
+    if not (index.is_file() and side.is_file()):
+        return None
+    report = json.loads(side.read_text(encoding="utf-8")).get("report") or {}
+    return PreparedData([], report, index.parent, index)
 
 
 def open_store(cfg: dict, codec_identity: str, settings: str, writer: str = "w0") -> CodeCache:

@@ -222,3 +222,27 @@ def test_a_stream_that_breaks_midway_is_one_line(tmp_path: Path, monkeypatch: py
     with pytest.raises(DataUnavailable, match="failed after 1 rows") as err:
         list(stream)
     assert "\n" not in str(err.value)
+
+
+def test_a_finished_streamed_shard_store_is_not_streamed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from elise.data.datamodule import EliseDataModule
+    from elise.data.shards import ClipIndex
+
+    data = parquet_folder(tmp_path / "pq")
+    c = cfg(data, tmp_path / "c", streaming=True, store="shards")
+    first = run(c)
+
+    def no_stream(*args: object, **kw: object):
+        raise AssertionError("the stream was read again")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_stream)
+    again = run(c)
+    assert again.index == first.index and again.report == first.report and again.examples == []
+    dm = EliseDataModule(c | {"max_tokens": 400, "max_samples": 4}, {"name": "tiny"})
+    dm.prepare_data()  # training on the prepared stream
+    dm.setup("fit")
+    assert len(dm.train_set) + len(dm.val_set) == len(ClipIndex(first.index)) == len(first.examples)

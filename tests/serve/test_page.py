@@ -63,3 +63,30 @@ def test_page_speaks_a_sentence_and_uploads_a_voice(served, tmp_path):
         out = Path(os.environ["ELISE_BROWSER_OUT"])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, out / shot.name)
+
+
+def test_page_plays_a_conversation_with_its_timeline(served, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    url, _ = served
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.fill("#script", "0: Hello there.\n1: Hi, how are you?")
+            page.fill("#dseed", "5")
+            page.fill("#doverlap", "200")
+            page.click("#talk")
+            page.wait_for_function("document.getElementById('daudio').duration > 0", timeout=60_000)
+            duration = page.evaluate("document.getElementById('daudio').duration")
+            assert abs(duration - 1.88) < 0.01  # two 13-frame turns, 200 ms overlapped
+            assert page.locator("#timeline tr").count() == 3  # the header and one row a turn
+            assert page.inner_text("#dstats").startswith("2 turns")
+            shot = tmp_path / "serve-page-dialogue.png"
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    if os.environ.get("ELISE_BROWSER_OUT"):
+        out = Path(os.environ["ELISE_BROWSER_OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / shot.name)
