@@ -33,6 +33,7 @@ from elise.checkpoints import AtomicCheckpointIO, open_resume
 from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
+from elise.precision import choose_precision
 from elise.preflight import UserError, on_cpu, preflight
 from elise.progress import StepProgressBar
 
@@ -78,7 +79,9 @@ def check_config(cfg: DictConfig) -> None:
         cfg.trainer.precision = trainer_precision(cfg.trainer.get("precision"))
     if on_cpu(cfg.trainer) and cfg.trainer.precision.startswith("bf16"):
         log.warning(
-            "trainer.precision=%s on a CPU is 30-100x slower than fp32: use trainer.precision=32-true here",
+            "trainer.precision=%s on a CPU: faster than fp32 only where the CPU has bf16 matrix units "
+            "(AMX, avx512_bf16) and the model is wide, else several times slower; "
+            "trainer.precision=auto measures it on this machine",
             cfg.trainer.precision,
         )
 
@@ -315,6 +318,11 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         log.info(
             "init_from=%s: %s weights, with their architecture and tokenizer", cfg.init_from, loaded.source
         )
+    if cfg.trainer.precision == "auto":
+        choice = choose_precision(model_cfg, cpu=on_cpu(cfg.trainer))
+        log.info("trainer.precision=auto -> %s: %s", choice.precision, choice.reason)
+        with open_dict(cfg):
+            cfg.trainer.precision = choice.precision
     tokenizer, tokenizer_spec = resolve_tokenizer(cfg, model_cfg, loaded, run_dir)
 
     from elise.data.datamodule import EliseDataModule

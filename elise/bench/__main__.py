@@ -48,10 +48,12 @@ def run_part(part: str, quick: bool, ckpt: str | None = None) -> tuple[dict, str
         from elise.bench.train import bench_train, train_rows
 
         res = bench_train(quick)
-        return res, table(
-            train_rows(res),
-            ["model", "rows", "case", "tokens/s", "step s", "peak MB", "x transformers", "x fp32"],
-        )
+        text = table(train_rows(res), ["model", "rows", "case", "tokens/s", "step s", "fwd+bwd s", "adamw s",
+                                       "peak MB", "x transformers", "x fwd+bwd", "x both fused", "x both for-loop",
+                                       "x fp32"])  # fmt: skip
+        for preset, r in res.items():
+            text += f"\n{preset}: elise AdamW {r['elise_optim']}, transformers optim={r.get('transformers_optim')}"
+        return res, text + "\n"
     if part == "lora":
         from elise.bench.lora import bench_lora, lora_rows
 
@@ -69,7 +71,7 @@ def run_part(part: str, quick: bool, ckpt: str | None = None) -> tuple[dict, str
 
         res = bench_serve(quick)
         cols = ["case", "max_batch", "clients", "audio_s_per_s", "vs max_batch=1", "ttfb_p50", "ttfb_p95",
-                "latency_p50", "latency_p95"]  # fmt: skip
+                "latency_p50", "latency_p95", "prefill_s", "frame_s", "decode_s"]  # fmt: skip
         return res, table(serve_rows(res), cols)
     from elise.bench.gpu import bench_gpu
 

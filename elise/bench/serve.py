@@ -4,12 +4,15 @@ model, N concurrent streaming clients, ``max_batch=16`` against ``max_batch=1`` 
 Each client sends its requests one after the other (closed loop) and streams the pcm answer; every
 request is cut at the same number of frames (``max_audio_seconds``: random heads never say EOS), so
 all cases generate the same audio. Figures: audio seconds per wall second (all clients together),
-p50/p95 time to the first byte and total latency. The codec is ``tiny`` (decoding costs ~nothing):
+p50/p95 time to the first byte and total latency, and where the model worker's time went while
+the clients ran (``prefill_s``: admitted prompts, ``frame_s``: decode steps, ``decode_s``: the codec;
+from ``/metrics``): the first byte waits for a prefill and a frame. The codec is ``tiny`` (decoding costs ~nothing):
 the figures are the model's; Mimi's decoder adds its own time per chunk.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import tempfile
 import threading
@@ -81,6 +84,15 @@ def one_request(url: str, text: str, seed: int) -> tuple[float, float, int]:
     return first or 0.0, time.perf_counter() - t0, size // 2
 
 
+def worker_seconds(url: str) -> dict[str, float]:
+    """The server's ``elise_worker_seconds`` by phase so far (``/metrics``)."""
+    import httpx
+
+    text = httpx.get(f"{url}/metrics", timeout=60).text
+    found = re.findall(r'^elise_worker_seconds_total\{phase="(\w+)"\} (\S+)$', text, re.M)
+    return {phase: float(value) for phase, value in found}
+
+
 def load(url: str, clients: int, per_client: int, sample_rate: int = 24_000) -> dict[str, float]:
     """``clients`` threads, each sending ``per_client`` requests in turn; the aggregate figures."""
     results: list[tuple[float, float, int]] = []
@@ -92,6 +104,7 @@ def load(url: str, clients: int, per_client: int, sample_rate: int = 24_000) -> 
             with lock:
                 results.append(res)
 
+    before = worker_seconds(url)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -99,13 +112,14 @@ def load(url: str, clients: int, per_client: int, sample_rate: int = 24_000) -> 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    phases = {f"{k}_s": round(v - before.get(k, 0.0), 2) for k, v in worker_seconds(url).items()}
     ttfb = sorted(r[0] for r in results)
     total = sorted(r[1] for r in results)
     audio = sum(r[2] for r in results) / sample_rate
     return {"clients": clients, "requests": len(results), "audio_s": round(audio, 2), "wall_s": round(wall, 2),
             "audio_s_per_s": round(audio / wall, 3), "ttfb_p50": round(statistics.median(ttfb), 3),
             "ttfb_p95": round(pct(ttfb, 0.95), 3), "latency_p50": round(statistics.median(total), 3),
-            "latency_p95": round(pct(total, 0.95), 3)}  # fmt: skip
+            "latency_p95": round(pct(total, 0.95), 3), **phases}  # fmt: skip
 
 
 def pct(sorted_xs: list[float], q: float) -> float:

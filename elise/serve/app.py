@@ -101,8 +101,9 @@ class Server:
             log.warning("codec %s has RANDOM weights: the audio it decodes is noise", synth.codec.identity)
         metrics = Metrics()
         batcher = Batcher(synth, int(cfg.max_batch), int(cfg.max_queue), int(cfg.max_positions),
-                          settings.stream_chunk_frames, on_step=metrics.step,
-                          first_chunk_frames=int(cfg.get("first_chunk_frames", 1)))  # fmt: skip
+                          settings.stream_chunk_frames, on_step=metrics.step, on_time=metrics.worker_time,
+                          first_chunk_frames=int(cfg.get("first_chunk_frames", 1)),
+                          admit_window_s=float(cfg.get("admit_window_ms", 0)) / 1000)  # fmt: skip
         voices = VoiceStore(synth, cfg.voices_dir, float(cfg.reference_max_seconds))
         limits = Limits(int(cfg.max_input_chars), float(cfg.time_limit_s), int(float(cfg.max_upload_mb) * 2**20),
                         str(cfg.api_key) if cfg.api_key else None, str(cfg.model_name),

@@ -82,16 +82,20 @@ class Batcher:
 
     ``chunk_frames``: frames decoded and handed out together; a job's first ``first_chunk_frames``
     (default 1) go out as soon as they exist, so its first byte waits for one frame, not a chunk.
+    ``admit_window_s``: how long an idle worker woken by a request waits for others arriving with it.
     """
 
     def __init__(self, synth: Synthesizer, max_batch: int = 16, max_queue: int = 64,
                  max_positions: int = 2048, chunk_frames: int = 4,
-                 on_step: Callable[[int], None] | None = None, first_chunk_frames: int = 1):  # fmt: skip
+                 on_step: Callable[[int], None] | None = None, first_chunk_frames: int = 1,
+                 admit_window_s: float = 0.0, on_time: Callable[[dict[str, float]], None] | None = None):  # fmt: skip
         self.synth, self.model, self.codec = synth, synth.model, synth.codec
         self.max_batch, self.max_queue, self.chunk = int(max_batch), int(max_queue), max(1, int(chunk_frames))
         self.first_chunk = max(1, min(int(first_chunk_frames), self.chunk))
+        self.admit_window = max(0.0, float(admit_window_s))
         self.max_len = min(int(max_positions), self.model.cfg.backbone.max_seq_len)
         self.on_step = on_step
+        self.on_time = on_time  # seconds of each frame boundary by phase (prefill, frame, decode)
         self.gen = FrameGenerator(self.model, self.max_batch, self.max_len, SamplingConfig())
         self.device = self.gen.device
         # per active row (row i = rows[i]), on the model's device: the piece's frames so far, its EOS
@@ -189,6 +193,7 @@ class Batcher:
                             self.cond.wait()
                         if not self.running:
                             return
+                        self._gather()
                     self._run_calls()
                     self._frame(decoder)
         except BaseException as err:  # a broken worker fails every job, never hangs them
@@ -197,6 +202,16 @@ class Batcher:
         finally:
             self.running = False
             self._fail_all(error)
+
+    def _gather(self) -> None:
+        """An idle worker woken by a request waits ``admit_window`` for the requests arriving with it
+        (clients rarely arrive in the same millisecond), so they share one prefill and one first frame
+        instead of the later ones waiting for the first one's. Called holding ``cond``."""
+        if self.rows or self.between or not self.waiting or self.admit_window <= 0:
+            return
+        end = time.perf_counter() + self.admit_window
+        while self.running and len(self.waiting) < self.max_batch and (left := end - time.perf_counter()) > 0:
+            self.cond.wait(left)
 
     def _frame(self, decoder: RowDecoder) -> None:
         """One frame boundary: retire, hand out what ended, admit (one prefill), step, decode."""
@@ -236,14 +251,19 @@ class Batcher:
             self.codec_rows[job.codec_row] = False
             job.generator = torch.Generator(device=self.device).manual_seed(job.seed)
             admit.append(job)
+        t0 = time.perf_counter()
         if admit:
             self._admit(admit, decoder)
+        t1 = time.perf_counter()
         if self.rows:
             self._step()
-            ready = [
-                j for j in self.rows if len(j.pending) >= (self.first_chunk if j.samples == 0 else self.chunk)
-            ]
-            self._decode(decoder, ready + self.between)
+        t2 = time.perf_counter()
+        ready = [
+            j for j in self.rows if len(j.pending) >= (self.first_chunk if j.samples == 0 else self.chunk)
+        ]
+        self._decode(decoder, ready + self.between)
+        if self.on_time is not None:
+            self.on_time({"prefill": t1 - t0, "frame": t2 - t1, "decode": time.perf_counter() - t2})
 
     def _free(self, job: Job) -> None:
         if job.codec_row >= 0:

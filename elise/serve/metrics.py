@@ -23,6 +23,8 @@ class Metrics:
         self.rtf = Histogram("elise_rtf", "generation seconds per audio second, per request",
                              buckets=TIME_BUCKETS, registry=r)  # fmt: skip
         self.audio_seconds = Counter("elise_audio_seconds", "audio seconds generated", registry=r)
+        self.worker_seconds = Counter("elise_worker_seconds", "model worker time by phase (prefill: admitted "
+                                      "prompts, frame: decode steps, decode: codec)", ["phase"], registry=r)  # fmt: skip
         self.largest = 0
 
     def step(self, n: int) -> None:
@@ -31,6 +33,11 @@ class Metrics:
         if n > self.largest:
             self.largest = n
             self.max_batch_seen.set(n)
+
+    def worker_time(self, seconds: dict[str, float]) -> None:
+        """One frame boundary's seconds by phase (called by the model worker)."""
+        for phase, dt in seconds.items():
+            self.worker_seconds.labels(phase).inc(dt)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

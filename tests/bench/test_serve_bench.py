@@ -19,4 +19,6 @@ def test_bench_serve_tiny_measures_every_case():
     for r in res["rows"]:
         assert r["audio_s"] == pytest.approx(r["requests"] * 4 * 0.08, abs=0.01)  # 4 frames each
         assert 0 < r["ttfb_p50"] <= r["latency_p95"]
+        assert r["prefill_s"] > 0 and r["frame_s"] > 0 and r["decode_s"] >= 0  # the worker's time by phase
+        assert r["prefill_s"] + r["frame_s"] + r["decode_s"] <= r["wall_s"] + 0.05  # one worker thread
     assert all(row["vs max_batch=1"] for row in serve_rows(res))

@@ -171,3 +171,19 @@ def test_stop_lets_the_worker_fail_its_jobs_itself(synth):
     release.set()
     batcher.thread.join(30)
     assert failed_on == ["elise-batcher"]
+
+
+def test_an_idle_worker_gathers_the_requests_arriving_with_the_first(synth):
+    """Clients rarely arrive in the same millisecond: the worker woken by the first request waits (up to
+    ``admit_window_s``, or until ``max_batch`` wait) so they share the first prefill."""
+    done = threading.Semaphore(0)
+    batcher = Batcher(synth, max_batch=2, admit_window_s=60.0)  # ends when 2 wait, never by the clock here
+    batcher.start()
+    try:
+        for i in range(2):
+            batcher.submit(Job([TEXTS[i]], 0, [], SamplingConfig(), i, lambda item: item is DONE and done.release(),
+                               float("inf")))  # fmt: skip
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+        assert batcher.prefills[0] == 2
+    finally:
+        batcher.stop()
