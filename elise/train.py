@@ -346,9 +346,9 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
         codec = _container(cfg.codec)
         voice_eval = VoiceEval(cfg.voice_eval, str(cfg.init_from), codec, run_dir, tokenizer)
         all_callbacks.append(voice_eval)
-    if cfg.trainer.get("enable_progress_bar", True) and not any(
-        isinstance(c, ProgressBar) for c in all_callbacks
-    ):
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        all_callbacks = [c for c in all_callbacks if not isinstance(c, ProgressBar)]
+    elif not any(isinstance(c, ProgressBar) for c in all_callbacks):
         all_callbacks.append(StepProgressBar())
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
