@@ -91,8 +91,11 @@ PRECISIONS = {
 
 def trainer_precision(value: Any) -> str:
     """``trainer.precision`` in Lightning's canonical spelling (32 -> 32-true, bf16 -> bf16-mixed,
-    16 -> 16-mixed; null -> 32-true). 16-bit weights without an fp32 copy are refused (ValueError)."""
+    16 -> 16-mixed; null -> 32-true; ``auto`` stays, resolved by ``elise.precision`` once the model is
+    known). 16-bit weights without an fp32 copy are refused (ValueError)."""
     spelled = "32-true" if value is None else str(value).strip().lower()
+    if spelled == "auto":
+        return spelled
     if spelled in ("bf16-true", "16-true", "half"):
         raise ValueError(
             f"trainer.precision={spelled} stores the weights in 16 bits (no fp32 master copy): "
@@ -100,6 +103,6 @@ def trainer_precision(value: Any) -> str:
         )
     if spelled not in PRECISIONS:
         raise ValueError(
-            f"trainer.precision={value}: choose one of {', '.join(sorted(set(PRECISIONS.values())))}"
+            f"trainer.precision={value}: choose one of auto, {', '.join(sorted(set(PRECISIONS.values())))}"
         )
     return PRECISIONS[spelled]

@@ -15,6 +15,8 @@ from typing import Any, cast
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 from torchmetrics import Metric
@@ -253,8 +255,29 @@ class EliseModule(pl.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        opt, sched = build_optimizer(self.model, self.optim_cfg, self.total_steps)
+        # a gradient scaler (16-mixed) plus clipping: Lightning must unscale before clipping, which an
+        # optimizer that unscales inside its step (fused) does not allow
+        scaled = (
+            self._trainer is not None and getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        )
+        clipped = self._trainer is not None and bool(self.trainer.gradient_clip_val)
+        opt, sched = build_optimizer(self.model, self.optim_cfg, self.total_steps, not (scaled and clipped))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: int | float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        plugin = self.trainer.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.scaler is None and gradient_clip_val:
+            # bf16-mixed scales nothing: Lightning's refusal to clip for an optimizer that unscales
+            # gradients inside its step (fused AdamW) is about a scaler, so clip as plain fp32 does
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            Precision.clip_gradients(plugin, optimizer, float(gradient_clip_val), algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Skip an optimizer step whose (accumulated, unscaled) gradients hold NaN/Inf.

@@ -78,10 +78,12 @@ class WarmupCosine:
         return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def resolve_impl(impl: str, params: Iterable[torch.Tensor]) -> str:
+def resolve_impl(impl: str, params: Iterable[torch.Tensor], fused_ok: bool = True) -> str:
     """The AdamW implementation ``impl`` stands for with these parameters: ``auto`` = ``fused`` where
-    every parameter's device type has torch's fused kernel, else ``foreach`` where it has the
-    multi-tensor kernels (CUDA), else ``for_loop``. Explicit choices are returned as they are."""
+    every parameter's device type has torch's fused kernel (and ``fused_ok``: not under a gradient
+    scaler with clipping, which Lightning cannot do for an optimizer that unscales inside its step),
+    else ``foreach`` where it has the multi-tensor kernels (CUDA), else ``for_loop``. Explicit choices
+    are returned as they are."""
     if impl != "auto":
         return impl
     from torch.optim.optimizer import (
@@ -90,7 +92,7 @@ def resolve_impl(impl: str, params: Iterable[torch.Tensor]) -> str:
     )
 
     devices = {p.device.type for p in params}
-    if devices <= set(_get_fused_kernels_supported_devices()):
+    if fused_ok and devices <= set(_get_fused_kernels_supported_devices()):
         return "fused"
     return "foreach" if devices <= set(_get_foreach_kernels_supported_devices()) else "for_loop"
 
@@ -108,11 +110,12 @@ def _keep_impl(flags: dict[str, bool], opt: torch.optim.Optimizer) -> None:
 
 
 def build_optimizer(
-    model: nn.Module, settings: Mapping[str, Any], total_steps: int
+    model: nn.Module, settings: Mapping[str, Any], total_steps: int, fused_ok: bool = True
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``param_groups(model)`` and its warmup + cosine ``LambdaLR``.
 
-    ``total_steps`` is the number of optimizer steps (``trainer.max_steps``).
+    ``total_steps`` is the number of optimizer steps (``trainer.max_steps``); ``fused_ok``: see
+    ``resolve_impl``.
     """
     s = optim_settings(settings)
     if total_steps <= 0:
@@ -120,7 +123,7 @@ def build_optimizer(
     groups = param_groups(model.named_parameters(), s["weight_decay"])
     if not any(g["params"] for g in groups):
         raise ValueError("no trainable parameters (everything is frozen)")
-    impl = resolve_impl(s["impl"], (p for g in groups for p in g["params"]))
+    impl = resolve_impl(s["impl"], (p for g in groups for p in g["params"]), fused_ok)
     flags = impl_flags(impl)
     opt = torch.optim.AdamW(
         groups, lr=s["lr"], betas=s["betas"], eps=s["eps"], weight_decay=s["weight_decay"], **flags

@@ -48,10 +48,12 @@ def run_part(part: str, quick: bool, ckpt: str | None = None) -> tuple[dict, str
         from elise.bench.train import bench_train, train_rows
 
         res = bench_train(quick)
-        return res, table(
-            train_rows(res),
-            ["model", "rows", "case", "tokens/s", "step s", "peak MB", "x transformers", "x fp32"],
-        )
+        text = table(train_rows(res), ["model", "rows", "case", "tokens/s", "step s", "fwd+bwd s", "adamw s",
+                                       "peak MB", "x transformers", "x fwd+bwd", "x both fused", "x both for-loop",
+                                       "x fp32"])  # fmt: skip
+        for preset, r in res.items():
+            text += f"\n{preset}: elise AdamW {r['elise_optim']}, transformers optim={r.get('transformers_optim')}"
+        return res, text + "\n"
     if part == "lora":
         from elise.bench.lora import bench_lora, lora_rows
 

@@ -42,14 +42,18 @@ def prompt(n_text: int = 24) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     return text_ids, tokens, mask
 
 
-def weight_bytes_per_frame(model: CSM, bytes_per_weight: float) -> float:
+def weight_bytes_per_frame(
+    model: CSM, bytes_per_weight: float, sensitive_bytes: float | None = None
+) -> float:
     """Weights one frame must read: backbone blocks once, decoder blocks 31 times, the codebook-0 head,
-    31 decoder heads and 31 decoder-input projections (norm weights included, embeddings rows not)."""
+    31 decoder heads and 31 decoder-input projections (norm weights included, embeddings rows not).
+    ``sensitive_bytes``: per weight of the depth heads and the projection (int4 keeps them int8)."""
     cfg = model.cfg
     v, dd, db = cfg.audio_vocab_size, cfg.decoder.dim, cfg.backbone.dim
     n = cfg.backbone.num_block_params() + (cfg.num_codebooks - 1) * cfg.decoder.num_block_params()
-    n += db * v + (cfg.num_codebooks - 1) * (dd * v + db * dd)
-    return n * bytes_per_weight
+    sensitive = (cfg.num_codebooks - 1) * (dd * v + db * dd)
+    width = bytes_per_weight if sensitive_bytes is None else sensitive_bytes
+    return (n + db * v) * bytes_per_weight + sensitive * width
 
 
 def fast_state(model: CSM) -> list[tuple[Any, dict]]:
@@ -246,8 +250,14 @@ def bench_synth(
         }
 
     # bytes per weight: int8 + fp32 scale per row (~0), int4 + bf16 scale and offset per group
-    for name, width in (("fp32", 4.0), ("int8", 1.0), ("int4", 0.5 + 4 / INT4_GROUP), ("bf16", 2.0)):
-        b = weight_bytes_per_frame(model, width)
+    widths = {
+        "fp32": (4.0, None),
+        "int8": (1.0, None),
+        "int4": (0.5 + 4 / INT4_GROUP, 1.0),
+        "bf16": (2.0, None),
+    }
+    for name, (width, sensitive) in widths.items():
+        b = weight_bytes_per_frame(model, width, sensitive)
         bound = b / (res["bandwidth_gbs"] * 1e9)
         res[f"bound_{name}"] = {
             "bytes_per_frame": b,

@@ -41,7 +41,7 @@ from torch import Tensor
 from elise.generate import FrameGenerator, SamplingConfig
 from elise.layout import NUM_CODEBOOKS, segment_rows
 from elise.model.csm import CSM
-from elise.model.quant import KERNELS, quantize_plan
+from elise.model.quant import kernel, quantize_plan
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,9 @@ def machine_key(model: CSM, device: torch.device) -> str:
     )
 
 
-def slots(model: CSM) -> list[tuple[list[Tensor], int, bool]]:
-    """The model's matmuls: (weights, times run per frame, runs in the prefill), one block per stack."""
+def slots(model: CSM) -> list[tuple[list[Tensor], int, bool, bool]]:
+    """The model's matmuls: (weights, times run per frame, runs in the prefill, sensitive: see
+    ``quant.SENSITIVE``), one block per stack."""
     bb, dec = next(model.backbone.blocks()), next(model.decoder.blocks())
     depth = NUM_CODEBOOKS - 1
     out = []
@@ -143,10 +144,10 @@ def slots(model: CSM) -> list[tuple[list[Tensor], int, bool]]:
         attn, mlp = block.self_attn, block.mlp
         for ws in ([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight], [attn.o_proj.weight],
                    [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.down_proj.weight]):  # fmt: skip
-            out.append((ws, count, prefill))
-    out.append(([model.projection.weight], depth, False))
-    out.append(([model.codebook0_head.weight], 1, False))
-    out.append(([model.audio_head[0].t()], depth, False))
+            out.append((ws, count, prefill, False))
+    out.append(([model.projection.weight], depth, False, True))
+    out.append(([model.codebook0_head.weight], 1, False, False))
+    out.append(([model.audio_head[0].t()], depth, False, True))
     return out
 
 
@@ -165,9 +166,9 @@ def time_candidates(
     plan = slots(model)
     mats: dict[str, list[Callable[[Tensor], Tensor]]] = {}
     for cand in candidates:
-        mats[cand] = [KERNELS[cand](ws) for ws, _, _ in plan]
+        mats[cand] = [kernel(cand, sensitive)(ws) for ws, _, _, sensitive in plan]
     inputs = {
-        name: [torch.randn(rows, ws[0].shape[1], dtype=p.dtype, device=p.device) for ws, _, _ in plan]
+        name: [torch.randn(rows, ws[0].shape[1], dtype=p.dtype, device=p.device) for ws, *_ in plan]
         for name, rows in ROWS.items()
     }
     times: dict[tuple[str, str, int], list[float]] = {}
@@ -188,7 +189,7 @@ def time_candidates(
         out[cand] = {}
         for name in ROWS:
             total = 0.0
-            for i, (_, count, prefill) in enumerate(plan):
+            for i, (_, count, prefill, _) in enumerate(plan):
                 if name == "prefill":
                     total += statistics.median(times[(cand, name, i)]) if prefill else 0.0
                 else:

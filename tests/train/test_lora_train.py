@@ -270,10 +270,17 @@ def test_lora_ckpt_synthesizes_and_its_export_gives_transformers_the_same_greedy
     assert not torch.equal(before, ours)  # the adapters matter
 
 
-def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, tmp_path, capsys):
+def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(
+    voice_run, tmp_path, capsys, monkeypatch
+):
     """experiment=voice's before/after: elise.evaluate on the held-out clip with the base at the start
-    and the LoRA checkpoint at the end; the summary prints both."""
+    and the trained model at the end, both the module's in memory (no checkpoint read again); the
+    summary prints both."""
+    import elise.synthesis.runtime as runtime
+
     _, _, overrides, _ = voice_run
+    read = []
+    monkeypatch.setattr(runtime, "load", lambda *args: read.append(args) or pytest.fail("read from disk"))
     extra = [
         "trainer.max_steps=2",
         "+voice_eval.clips=1",
@@ -284,9 +291,11 @@ def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, 
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("voice eval on 1 held-out clips"))
     assert "wer " in line and "sim " in line and " -> " in line and "nan" not in line
-    for name in ("before", "after"):
+    for name, step in (("before", 0), ("after", 2)):
         report = json.loads((tmp_path / "voice_eval" / name / "eval_report.json").read_text())
         assert report["summary"]["counts"]["items"] == 1
+        assert report["run"]["ckpt"].endswith(f"(in memory, step {step})")
+    assert not read
     assert len(list((tmp_path / "voice_eval" / "held_out").glob("*.wav"))) == 1
 
 

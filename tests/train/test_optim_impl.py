@@ -11,6 +11,16 @@ from elise.model import build_model
 from elise.model.loss import csm_loss
 from elise.optim import build_optimizer, optim_settings, resolve_impl
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Test-size steps on a busy 2-core machine: one thread (two oversubscribe OpenMP)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SETTINGS = {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "weight_decay": 0.1}
 
 
@@ -81,3 +91,27 @@ def test_resume_keeps_the_configured_impl_and_continues_exactly():
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b), name
     assert not torch.equal(straight.audio_head, half.audio_head)  # steps 3-4 moved it
+
+
+def test_bf16_mixed_clips_the_fused_optimizers_gradients():
+    """Lightning refuses to clip for an optimizer that unscales inside its step (fused), even under
+    bf16-mixed, which has no scaler; the module clips there as fp32 does."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from elise.model.presets import preset
+    from elise.module import EliseModule
+
+    module = EliseModule(preset("test").to_dict())
+    plugin = MixedPrecision("bf16-mixed", "cpu")
+    module._trainer = SimpleNamespace(precision_plugin=plugin, gradient_clip_val=1.0)  # type: ignore[assignment]
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.param_groups[0]["fused"] is True  # auto on CPU, no scaler
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    with pytest.raises(RuntimeError, match="fused"):  # what Lightning itself does
+        plugin.clip_gradients(opt, 1.0)
+    module.configure_gradient_clipping(opt, 1.0, "norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-3)  # from ~1e4

@@ -186,7 +186,7 @@ def test_bf16_mixed_keeps_fp32_master_weights(fast_overrides, tmp_path, caplog):
     metrics = run(tmp_path, fast_overrides, extra, callbacks=[Dtypes()])
     assert seen["params"] == {torch.float32} and seen["grads"] == {torch.float32}
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    assert "30-100x slower" in caplog.text  # the one-line warning for bf16 on a CPU
+    assert "trainer.precision=auto measures it" in caplog.text  # the one-line warning for bf16 on a CPU
 
 
 def test_overfitting_a_few_clips_drives_the_loss_down(fast_overrides, tmp_path):
@@ -258,8 +258,7 @@ def test_elise_experiments_run_with_tiny_overrides(experiment, base_run, code_ca
         f"paths.cache_dir={code_cache}",
         "trainer.max_steps=2",
         "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-        "callbacks.progress_bar=null",
+        "trainer.enable_progress_bar=false",  # alone: the configured bar is dropped (Lightning refused it)
     ]
     if experiment == "elise_finetune":
         overrides += [f"init_from={base_run[0] / 'checkpoints' / 'last.ckpt'}", "freeze_backbone=true"]
