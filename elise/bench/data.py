@@ -92,11 +92,28 @@ def throughput_folder(root: Path, clips: int) -> Path:
     return root
 
 
+def parquet_of(folder: Path, out: Path) -> Path:
+    """The clips of an LJSpeech folder as one parquet file (audio bytes, text): an audio hub dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from elise.data.sources import read_ljspeech
+
+    items = read_ljspeech(folder, speaker_column=False)
+    audio = [{"bytes": Path(str(it.audio)).read_bytes(), "path": Path(str(it.audio)).name} for it in items]
+    pq.write_table(pa.table({"audio": audio, "text": [it.text for it in items]}), out, row_group_size=16)
+    return out
+
+
 def bench_prepare_throughput(
-    codecs: tuple[str, ...] = ("tiny", "mimi_random"), workers: tuple[int, ...] = (0, 1, 2), clips: int = 64
+    codecs: tuple[str, ...] = ("tiny", "mimi_random"),
+    workers: tuple[int, ...] = (0, 1, 2),
+    clips: int = 64,
+    stream: bool = True,
 ) -> dict[str, Any]:
     """Clips per second of a first ``prepare`` (decode, resample, encode, shard store) per codec and
-    number of decoding worker processes (0: in the main process); worker start-up included."""
+    number of decoding worker processes (0: in the main process); worker start-up included.
+    ``stream``: also the same clips as a parquet file read with ``data.streaming=true`` (``<codec>/<workers>/stream``)."""
     from elise.codec import build_codec
     from elise.data.prepare import prepare
     from elise.text import ByteTokenizer
@@ -117,6 +134,25 @@ def bench_prepare_throughput(
                 prepare(cfg, codec, ByteTokenizer(), progress=False, num_workers=w)
                 secs = time.perf_counter() - start
                 out[f"{name}/{w}"] = {"s": secs, "clips_per_s": clips / secs}
+        if stream:
+            table = parquet_of(folder, Path(tmp) / "clips.parquet")
+            for w in workers:
+                spec = {
+                    "source": "elise",
+                    "path": str(table),
+                    "streaming": True,
+                    "store": "shards",
+                }
+                start = time.perf_counter()
+                prepare(
+                    spec | {"cache_dir": f"{tmp}/stream-{w}"},
+                    build_codec("tiny"),
+                    ByteTokenizer(),
+                    progress=False,
+                    num_workers=w,
+                )
+                secs = time.perf_counter() - start
+                out[f"tiny/{w}/stream"] = {"s": secs, "clips_per_s": clips / secs}
     return out
 
 
@@ -238,10 +274,11 @@ def data_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     thr = res.get("throughput", {})
     for key, fig in thr.items():
         if isinstance(fig, dict):
-            codec, workers = key.split("/")
+            codec, workers, *stream = key.split("/")
+            how = ", streamed from parquet" if stream else ""
             rows.append(
                 {
-                    "case": f"prepare {thr['clips']} clips, {codec}, {workers} workers",
+                    "case": f"prepare {thr['clips']} clips{how}, {codec}, {workers} workers",
                     "clips/s": fig["clips_per_s"],
                     "s": fig["s"],
                 }

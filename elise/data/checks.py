@@ -3,6 +3,8 @@ and pre-encoded data (``elise.data.codes``): a bad text is a skip with one of ``
 
 from __future__ import annotations
 
+import re
+
 from elise.errors import one_line
 from elise.text import Tokenizer, encode_prompt
 
@@ -21,6 +23,9 @@ REASONS = (
 )
 
 
+_ALNUM = re.compile(r"[^\W_]")  # a letter or digit (what str.isalnum accepts)
+
+
 class Skip(Exception):
     """An item is bad: ``reason`` (one of ``REASONS``) and a short ``detail``."""
 
@@ -29,12 +34,21 @@ class Skip(Exception):
         self.reason, self.detail = reason, detail
 
 
-def check_text(text: str) -> None:
-    """Raise Skip for an empty text or one without a letter or digit (``text`` already normalised)."""
+def text_problem(text: str) -> tuple[str, str] | None:
+    """(reason, detail) of an empty text or one without a letter or digit, else None (``text``
+    already normalised)."""
     if not text:
-        raise Skip("empty_text", "no text")
-    if not any(ch.isalnum() for ch in text):
-        raise Skip("unspeakable_text", f"no letter or digit in {text[:40]!r}")
+        return "empty_text", "no text"
+    if not _ALNUM.search(text):
+        return "unspeakable_text", f"no letter or digit in {text[:40]!r}"
+    return None
+
+
+def check_text(text: str) -> None:
+    """Raise Skip when ``text_problem`` finds one."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise Skip(*problem)
 
 
 def check_ids(tokenizer: Tokenizer, ids: list[int]) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from elise.data.checks import REASONS, Skip, check_text, text_ids
+from elise.data.checks import REASONS, Skip, text_ids, text_problem
 from elise.data.items import Example, PreparedData
 from elise.data.prepare import data_settings
 from elise.data.report import print_report, write_json
@@ -326,10 +326,9 @@ class _IndexBuilder:
         self.items.append({"id": item_id, "reason": reason[0], "detail": reason[1]})
 
     def _check(self, text: str, frames: int, lo: float, hi: float) -> tuple[str, str] | None:
-        try:
-            check_text(text)  # the checks of preparation (elise.data.checks)
-        except Skip as skip:
-            return skip.reason, skip.detail
+        problem = text_problem(text)  # the checks of preparation (elise.data.checks)
+        if problem is not None:
+            return problem
         if frames < lo:
             return "too_short", f"{frames / FRAME_RATE:.2f} s < {self.cfg['min_seconds']} s"
         if frames > hi:

@@ -30,16 +30,23 @@ def val_mask(
     mask = np.zeros(n, dtype=bool)
     if n < 2:
         return mask
-    order = np.lexsort((np.asarray(ids, dtype=str), scores))  # by score, then id
-    if val_count is not None:
+    if val_count is not None:  # the smallest (score, id) pairs
+        order = np.lexsort((np.asarray(ids, dtype=str), scores))
         mask[order[: min(max(int(val_count), 0), n - 1)]] = True
         return mask
     mask = scores < float(val_fraction)
     if not mask.any() and float(val_fraction) > 0:
-        mask[order[0]] = True
+        mask[_extreme(ids, scores, last=False)] = True
     if mask.all():
-        mask[order[-1]] = False
+        mask[_extreme(ids, scores, last=True)] = False
     return mask
+
+
+def _extreme(ids: Sequence[str], scores: np.ndarray, last: bool) -> int:
+    """Position of the smallest (``last``: largest) (score, id) pair."""
+    ties = np.flatnonzero(scores == (scores.max() if last else scores.min())).tolist()
+    pick = max if last else min
+    return pick(ties, key=lambda k: ids[k])
 
 
 def assign_splits(

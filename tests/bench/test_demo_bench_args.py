@@ -104,3 +104,22 @@ def test_demo_says_what_codec_made_its_wav(tmp_path, codec, note):
     from elise.demo import codec_note
 
     assert codec_note(save_tiny(tmp_path / "m.ckpt", codec=codec)) == note
+
+
+def test_bench_missing_judge_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    from elise.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main("bench", ["part=synth", f"ckpt={tmp_path / 'none.ckpt'}", f"out={tmp_path / 'r.json'}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none.ckpt: no such checkpoint" in err
+    assert not (tmp_path / "r.json").exists()  # nothing was measured
+
+
+def test_bench_judges_agreement_on_a_given_checkpoint(tmp_path):
+    from elise.bench.synth import judge_model
+
+    model, probe, name = judge_model(str(save_tiny(tmp_path / "m.ckpt")))
+    assert probe is None and name == f"checkpoint {tmp_path / 'm.ckpt'}"  # the default probe
+    assert not model.training and "qkv" in model.decoder.layers[0].self_attn.fast  # eval, fused

@@ -142,9 +142,15 @@ def test_bench_synthetic_set_is_indexed_and_rows_report_it(tmp_path: Path) -> No
     assert synthetic_codes(tmp_path / "syn", 3000, per_file=1000) == src  # kept, not generated again
     fig = {"index_s": 1.0, "sampler_s": 2.0, "epoch_plan_s": 3.0, "first_batch_s": 4.0, "peak_rss_mb": 5.0}
     rows = data_rows({"encode": {"codec": "x", "batched": {"audio_s_per_s": 1, "s": 1}, "one_by_one": {"audio_s_per_s": 1, "s": 1}},
-                      "prepare": {"skipped": "-"}, "throughput": {"clips": 8, "tiny/2": {"s": 2.0, "clips_per_s": 4.0}},
+                      "prepare": {"skipped": "-"}, "throughput": {"clips": 8, "tiny/2": {"s": 2.0, "clips_per_s": 4.0},
+                                     "tiny/0/stream": {"s": 1.0, "clips_per_s": 8.0}},
                       "startup": {"clips": 3000, "cold": fig}})  # fmt: skip
     assert rows[2]["clips/s"] == 4.0 and rows[-1]["MB"] == 5.0 and rows[-2]["s"] == 5.0
+    assert rows[3] == {
+        "case": "prepare 8 clips, streamed from parquet, tiny, 0 workers",
+        "clips/s": 8.0,
+        "s": 1.0,
+    }
 
 
 def test_text_checks_are_preparations_unknown_token_included(tmp_path: Path) -> None:
