@@ -169,17 +169,18 @@ def build_module(
 
 class VoiceEval(pl.Callback):
     """``voice_eval`` (experiment=voice): ``elise.evaluate`` on held-out clips of the new voice, with the
-    base (``init_from``) when training starts and with the final checkpoint at the end (``after``):
-    their texts synthesized, WER against them and SIM to the held-out audio (the codec's reconstruction
-    of their codes). Reports under ``<run dir>/voice_eval/{before,after}``; ``line()`` compares them."""
+    base when training starts and with the trained model at the end (``after``), both taken from the
+    module in memory (adapters merged into a copy), not read again from disk: their texts synthesized,
+    WER against them and SIM to the held-out audio (the codec's reconstruction of their codes). Reports
+    under ``<run dir>/voice_eval/{before,after}``; ``line()`` compares them."""
 
-    def __init__(self, node: Any, base: str, codec: dict[str, Any], run_dir: Path):
+    def __init__(self, node: Any, base: str, codec: dict[str, Any], run_dir: Path, tokenizer: Any):
         self.clips, self.metrics = (
             int(node.get("clips", 8)),
             [str(m) for m in node.get("metrics", ["wer", "sim"])],
         )
         self.asr, self.sim = str(node.get("asr", "auto")), str(node.get("sim", "auto"))
-        self.base, self.codec, self.out = base, codec, run_dir / "voice_eval"
+        self.base, self.codec, self.out, self.tokenizer = base, codec, run_dir / "voice_eval", tokenizer
         self.results: dict[str, dict[str, float]] = {}
         self.texts: list[str] = []
         self.refs: list[str] = []
@@ -207,20 +208,34 @@ class VoiceEval(pl.Callback):
         self.texts = [e.text for e in examples]
         self.device = pl_module.device.type
         self.scorer = Scorer(self.metrics, self.asr, None, self.sim, None, "auto", self.device)
-        self.results["before"] = self.evaluate(self.base, "before")
+        name = f"init_from={self.base} (in memory, step {trainer.global_step})"
+        self.results["before"] = self.evaluate(self.in_memory(pl_module, name), "before")
 
-    def evaluate(self, ckpt: str, name: str) -> dict[str, float]:
+    def in_memory(self, pl_module: pl.LightningModule, name: str) -> Any:
+        """The module's CSM as ``load_model`` would give it: a copy, adapters merged, in eval mode."""
+        import copy
+
+        from elise.checkpoints import Loaded
+        from elise.model.lora import merge_lora
+
+        hp = pl_module.hparams
+        model = merge_lora(copy.deepcopy(pl_module.model)).eval()  # type: ignore[arg-type]
+        return Loaded(model, self.tokenizer, "elise", {"name": name}, codec=dict(hp["codec"]) if hp.get("codec") else None,
+                      speakers={str(k): int(v) for k, v in dict(hp.get("speakers") or {}).items()})  # fmt: skip
+
+    def evaluate(self, loaded: Any, name: str) -> dict[str, float]:
         from elise.evaluate.synth import evaluate_checkpoint
 
-        report = evaluate_checkpoint(ckpt, self.texts, self.out / name, speaker_ref=self.refs, scorer=self.scorer,
+        report = evaluate_checkpoint(loaded, self.texts, self.out / name, speaker_ref=self.refs, scorer=self.scorer,
                                      device=self.device, seed=0, progress=False)  # fmt: skip
         return {
             k: float(v["mean"]) for k, v in report["summary"].items() if isinstance(v, dict) and "mean" in v
         }
 
-    def after(self, ckpt: str) -> None:
-        if self.scorer is not None and ckpt:
-            self.results["after"] = self.evaluate(ckpt, "after")
+    def after(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.scorer is not None:
+            name = f"the trained model (in memory, step {trainer.global_step})"
+            self.results["after"] = self.evaluate(self.in_memory(pl_module, name), "after")
 
     def line(self) -> str:
         before, after = self.results.get("before", {}), self.results.get("after", {})
@@ -329,11 +344,11 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     voice_eval = None
     if cfg.get("voice_eval") and cfg.get("init_from"):
         codec = _container(cfg.codec)
-        voice_eval = VoiceEval(cfg.voice_eval, str(cfg.init_from), codec, run_dir)
+        voice_eval = VoiceEval(cfg.voice_eval, str(cfg.init_from), codec, run_dir, tokenizer)
         all_callbacks.append(voice_eval)
-    if cfg.trainer.get("enable_progress_bar", True) and not any(
-        isinstance(c, ProgressBar) for c in all_callbacks
-    ):
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar callback then
+        all_callbacks = [c for c in all_callbacks if not isinstance(c, ProgressBar)]
+    elif not any(isinstance(c, ProgressBar) for c in all_callbacks):
         all_callbacks.append(StepProgressBar())
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -370,7 +385,7 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     if trainer.is_global_zero:
         text = summary(trainer, cfg, run_dir, metrics)
         if voice_eval is not None:
-            voice_eval.after(getattr(trainer.checkpoint_callback, "last_model_path", "") or "")
+            voice_eval.after(trainer, module)
             text += "\n" + voice_eval.line()
         print(text, flush=True)
     return metrics

@@ -20,7 +20,7 @@ from elise.data.audio import resample, write_wav
 from elise.evaluate.report import write_report
 from elise.evaluate.score import Scorer
 from elise.evaluate.sources import RATE, Item
-from elise.evaluate.synth import settings_of
+from elise.evaluate.synth import default_scorer, load_synthesizer, run_record, settings_of
 from elise.synthesis.dialogue import (
     Script,
     TurnResult,
@@ -31,7 +31,7 @@ from elise.synthesis.dialogue import (
     resolve_voices,
     timeline,
 )
-from elise.synthesis.engine import OnChunk, Request, Result, Synthesizer
+from elise.synthesis.engine import OnChunk, Request, Result
 
 
 def evaluate_dialogue(
@@ -64,16 +64,13 @@ def evaluate_dialogue(
     if len(set(names)) != len(names):
         raise ValueError(f"two conversations share a name ({', '.join(names)}): rename the scripts")
     by_name = read_voices(voices, reference_max_seconds)
-    if scorer is None:
-        from elise.evaluate.score import METRICS
-
-        scorer = Scorer(metrics or METRICS, asr, None, sim, None, mos, device)
+    scorer = default_scorer(scorer, metrics, asr, None, sim, None, mos, device)
     settings = settings_of(synth_settings)
+    synth, load_seconds = load_synthesizer(ckpt, codec, device, dtype, settings, base)
     t0 = time.perf_counter()
-    synth = Synthesizer.load(ckpt, codec, device, dtype, settings=settings, base=base)
     resolve_voices(list(scripts), by_name, synth.speakers)
     encode_voices(by_name, synth.codec, reference_max_seconds)
-    load_seconds = time.perf_counter() - t0
+    load_seconds += time.perf_counter() - t0
     sr = synth.sample_rate
 
     rtfs: list[float | None] = []  # each result's real-time factor, in the order converse hands out turns
@@ -113,13 +110,9 @@ def evaluate_dialogue(
     t2 = time.perf_counter()
     report = scorer.score(items, speaker_ref)
     report["conversations"] = timelines
-    report["run"] = {
-        "ckpt": str(ckpt), "codec": synth.codec.identity, "random_codec": bool(getattr(synth.codec, "random_weights", False)),
-        "dialogue": [s.source for s in scripts], "voices": sorted(by_name), "context_turns": context_turns,
-        "settings": {k: v for k, v in vars(settings).items() if k != "bound"} | {"length": vars(settings.bound)},
-        "load_seconds": round(load_seconds, 2), "synthesis_seconds": round(synth_seconds, 2),
-        "scoring_seconds": round(time.perf_counter() - t2, 2),
-    }  # fmt: skip
+    seconds = {"load": load_seconds, "synthesis": synth_seconds, "scoring": time.perf_counter() - t2}
+    report["run"] = run_record(ckpt, synth, settings, seconds, dialogue=[s.source for s in scripts],
+                               voices=sorted(by_name), context_turns=context_turns)  # fmt: skip
     write_report(report, out)
     return report
 

@@ -2,23 +2,30 @@
 
 Transcript and text go through the same normaliser: the Whisper English normaliser transformers ships
 (``EnglishTextNormalizer``: case, punctuation, contractions, titles, numbers as digits, bracketed tags
-such as ``<laughs>`` removed), so "It's 3 o'clock, Dr. Smith." and "it is three o'clock doctor smith"
-are the same words.
+such as ``<laughs>`` removed), with Whisper's British -> American spelling map
+(``elise/assets/eval/english_spelling.json``, see its NOTICE), so "It's 3 o'clock, Dr. Smith." and
+"it is three o'clock doctor smith" are the same words, and so are "colour" and "color".
 """
 
 from __future__ import annotations
 
+import json
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 SECONDS_PER_CHAR = 0.065  # normal English speech (~15 characters/s): the duration_ratio's denominator
+
+
+SPELLING = Path(__file__).resolve().parents[1] / "assets" / "eval" / "english_spelling.json"
 
 
 @cache
 def _normaliser() -> Any:
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-    return EnglishTextNormalizer({})  # no British->American spelling map: the text and transcript share one
+    # the map Whisper's tokenizer reads from a hub model's normalizer.json, shipped: evaluation runs offline
+    return EnglishTextNormalizer(json.loads(SPELLING.read_text(encoding="utf-8")))
 
 
 def normalise(text: str) -> str:

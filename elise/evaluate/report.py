@@ -64,6 +64,8 @@ def markdown(report: dict[str, Any], worst: int = 10) -> str:
         parts += [
             f"| {refs[i]} | " + " | ".join(fmt(v) for v in row) + " |" for i, row in enumerate(vm["matrix"])
         ]
+    if report.get("conversations"):
+        parts += ["", "## Conversations", "", *conversation_table(report)]
     items = report["items"]
     if items and "wer" in items[0]:
         parts += ["", f"## Worst {min(worst, len(items))} by WER", "", "| id | WER | text | transcript | flags |",
@@ -73,6 +75,34 @@ def markdown(report: dict[str, Any], worst: int = 10) -> str:
                      " ".join(r["flags"])]  # fmt: skip
             parts.append("| " + " | ".join(cells) + " |")
     return "\n".join(parts) + "\n"
+
+
+def conversation_table(report: dict[str, Any]) -> list[str]:
+    """Dialogue mode: one row per conversation (turns, seconds, the mean of each per-turn metric, flags)."""
+    items = report["items"]
+    keys = [
+        k
+        for k in ("wer", "cer", "sim", "mos", "duration_ratio", "rtf")
+        if any(r.get(k) is not None for r in items)
+    ]
+    has_eos = any(r.get("eos") is not None for r in items)
+    head = ["conversation", "turns", "seconds", *(LABELS[k] for k in keys), *(["EOS rate"] if has_eos else []),
+            "cut", "long"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name, conv in report["conversations"].items():
+        turns = [r for r in items if r.get("conversation") == name]
+        cells = [name.replace("|", "/"), str(len(turns)), fmt(conv.get("seconds"), 2)]
+        cells += [fmt(_mean([r.get(k) for r in turns])) for k in keys]
+        if has_eos:
+            cells.append(fmt(_mean([None if r.get("eos") is None else float(r["eos"]) for r in turns]), 2))
+        cells += [str(sum(flag in r["flags"] for r in turns)) for flag in ("cut", "long")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _mean(values: list[Any]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return sum(present) / len(present) if present else None
 
 
 def plot(report: dict[str, Any], path: Path) -> Path | None:

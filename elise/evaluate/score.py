@@ -62,7 +62,7 @@ class Scorer:
             "asr_comparable": self.asr.comparable if self.asr else None,
             "speaker": self.speaker.id if self.speaker else None,
             "mos": self.mos.id if self.mos else None,
-            "normaliser": "transformers EnglishTextNormalizer (Whisper English)",
+            "normaliser": "transformers EnglishTextNormalizer (Whisper English, British->American spelling map)",
             "seconds_per_char": SECONDS_PER_CHAR,
         }
 

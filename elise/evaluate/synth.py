@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from elise.checkpoints import Loaded
 from elise.data.audio import write_wav
 from elise.evaluate.report import write_report
 from elise.evaluate.score import Scorer
@@ -71,8 +72,38 @@ def settings_of(synth_settings: dict[str, Any]) -> Settings:
     return settings
 
 
+def default_scorer(scorer: Scorer | None, metrics: Sequence[str] | None, asr: str, asr_model: str | None,
+                   sim: str, sim_model: str | None, mos: str, device: str) -> Scorer:  # fmt: skip
+    """``scorer``, else one with these backends for ``metrics`` (None: every metric)."""
+    if scorer is not None:
+        return scorer
+    from elise.evaluate.score import METRICS
+
+    return Scorer(metrics or METRICS, asr, asr_model, sim, sim_model, mos, device)
+
+
+def load_synthesizer(ckpt: str | Loaded, codec: dict[str, Any] | str | None, device: str, dtype: str,
+                     settings: Settings, base: str | None) -> tuple[Synthesizer, float]:  # fmt: skip
+    """``Synthesizer.load`` of a checkpoint or of a model in memory (``Loaded``); and its seconds."""
+    t0 = time.perf_counter()
+    synth = Synthesizer.load(ckpt, codec, device, dtype, settings=settings, base=base)
+    return synth, time.perf_counter() - t0
+
+
+def run_record(ckpt: str | Loaded, synth: Synthesizer, settings: Settings, seconds: dict[str, float],
+               **extra: Any) -> dict[str, Any]:  # fmt: skip
+    """The report's ``run`` entry: what was evaluated, with which codec and settings, in what time."""
+    name = str(ckpt.meta.get("name", "a model in memory")) if isinstance(ckpt, Loaded) else str(ckpt)
+    return {
+        "ckpt": name, "codec": synth.codec.identity, "random_codec": bool(getattr(synth.codec, "random_weights", False)),
+        **extra,
+        "settings": {k: v for k, v in vars(settings).items() if k != "bound"} | {"length": vars(settings.bound)},
+        **{f"{k}_seconds": round(v, 2) for k, v in seconds.items()},
+    }  # fmt: skip
+
+
 def evaluate_checkpoint(
-    ckpt: str,
+    ckpt: str | Loaded,
     texts: Sequence[str] | Sequence[Line],
     out: str | Path,
     reference_audio: object = None,
@@ -94,31 +125,23 @@ def evaluate_checkpoint(
     base: str | None = None,
     **synth_settings: Any,
 ) -> dict[str, Any]:
-    """Synthesize ``texts`` with checkpoint ``ckpt`` into ``out/wavs``, score them, write the reports in
-    ``out``; returns the eval_report dict. ``synth_settings`` are ``Settings`` fields (temperature, top_k,
-    seed, batch_size, speaker, ...); ``length`` may be a ``LengthBound`` or a dict of its fields.
-    ``base``: a LoRA checkpoint's base weights (None: the path it records)."""
+    """Synthesize ``texts`` with checkpoint ``ckpt`` (or a model in memory: ``Loaded``) into ``out/wavs``,
+    score them, write the reports in ``out``; returns the eval_report dict. ``synth_settings`` are
+    ``Settings`` fields (temperature, top_k, seed, batch_size, speaker, ...); ``length`` may be a
+    ``LengthBound`` or a dict of its fields. ``base``: a LoRA checkpoint's base weights (None: the path
+    it records)."""
     out = Path(out)
     lines = [t if isinstance(t, Line) else Line(f"{i + 1:04d}", str(t)) for i, t in enumerate(texts)]
     voice_list = voices(reference_audio, reference_text)
-    if scorer is None:
-        from elise.evaluate.score import METRICS
-
-        scorer = Scorer(metrics or METRICS, asr, asr_model, sim, sim_model, mos, device)
+    scorer = default_scorer(scorer, metrics, asr, asr_model, sim, sim_model, mos, device)
     settings = settings_of(synth_settings)
-    t0 = time.perf_counter()
-    synth = Synthesizer.load(ckpt, codec, device, dtype, settings=settings, base=base)
-    load_seconds = time.perf_counter() - t0
+    synth, load_seconds = load_synthesizer(ckpt, codec, device, dtype, settings, base)
     t1 = time.perf_counter()
     items = synthesize_lines(synth, lines, out, voice_list, reference_max_seconds, progress)
     synth_seconds = time.perf_counter() - t1
     t2 = time.perf_counter()
     report = scorer.score(items, speaker_ref, progress)
-    report["run"] = {
-        "ckpt": str(ckpt), "codec": synth.codec.identity, "random_codec": bool(getattr(synth.codec, "random_weights", False)),
-        "settings": {k: v for k, v in vars(settings).items() if k != "bound"} | {"length": vars(settings.bound)},
-        "load_seconds": round(load_seconds, 2), "synthesis_seconds": round(synth_seconds, 2),
-        "scoring_seconds": round(time.perf_counter() - t2, 2),
-    }  # fmt: skip
+    seconds = {"load": load_seconds, "synthesis": synth_seconds, "scoring": time.perf_counter() - t2}
+    report["run"] = run_record(ckpt, synth, settings, seconds)
     write_report(report, out)
     return report

@@ -113,13 +113,17 @@ class Server:
         return server
 
     def warm_up(self) -> None:
-        """Generate until the first audio of a short request (every code path once), then ready."""
+        """Generate until the first audio of a short request (every code path once), then ready (with the
+        worker idle again: the first requests do not wait for the warm-up's frames)."""
         first = threading.Event()
         job = Job(["Warm up."], self.synth.speaker_id(self.synth.settings.speaker), [], SamplingConfig(), 0,
                   lambda _item: first.set(), time.perf_counter() + 600)  # fmt: skip
         self.batcher.submit(job)
         first.wait(timeout=600)
         job.cancel()
+        deadline = time.perf_counter() + 60  # the worker retires it at its next frame: idle when ready
+        while self.batcher.active() and time.perf_counter() < deadline:
+            time.sleep(0.01)
         self.ready = True
 
     def close(self) -> None:

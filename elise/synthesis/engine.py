@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ from elise.synthesis.errors import SynthesisError
 from elise.synthesis.prompt import Segment, build_prompt, load_references
 from elise.synthesis.text import FRAME_RATE, LengthBound, max_frames, split_sentences
 from elise.text import Tokenizer
+
+if TYPE_CHECKING:
+    from elise.checkpoints import Loaded
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +144,21 @@ class Synthesizer:
         self.max_len = model.cfg.backbone.max_seq_len
 
     @classmethod
-    def load(cls, ckpt: str, codec: dict[str, Any] | str | None = None, device: str = "cpu",
+    def load(cls, ckpt: str | Loaded, codec: dict[str, Any] | str | None = None, device: str = "cpu",
              dtype: str = "auto", quantize: str | None = None, compile: bool = False,
              settings: Settings | None = None, base: str | None = None) -> Synthesizer:  # fmt: skip
         """Load a checkpoint (elise .ckpt or transformers directory) and its codec (None: the recorded one);
-        a LoRA checkpoint merged into ``base`` (None: the base path it records)."""
+        a LoRA checkpoint merged into ``base`` (None: the base path it records). ``ckpt`` may be a model in
+        memory (``elise.checkpoints.Loaded``): it is used as it is (cast and fused in place)."""
+        from elise.checkpoints import Loaded
         from elise.synthesis.runtime import load, load_codec, prepare_model, resolve_device, resolve_dtype
 
         dev = resolve_device(device)
-        loaded = load(ckpt, dev, base)
+        if isinstance(ckpt, Loaded):
+            loaded = ckpt
+            loaded.model.to(dev)
+        else:
+            loaded = load(ckpt, dev, base)
         model = prepare_model(loaded.model, resolve_dtype(dtype, dev), quantize, compile)
         codec_model = load_codec(codec, loaded.codec, dev, model.cfg.num_codebooks)
         return cls(model, loaded.tokenizer, codec_model, settings, loaded.speakers)

@@ -66,6 +66,35 @@ def test_torchrun_two_processes_prepare_what_one_process_does(tmp_path: Path) ->
     assert report["encoded"] == one.report["encoded"] == 16
 
 
+def test_torchrun_two_processes_streaming_audio_prepare_what_one_full_read_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets
+
+    from elise.bench.data import parquet_of
+    from elise.data.sources import sample_root
+
+    table = parquet_of(sample_root(), tmp_path / "sample.parquet")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "elise.prepare"]
+    cmd += [
+        *SHARDS,
+        "data=elise",
+        f"data.path={table}",
+        "data.streaming=true",
+        f"paths.cache_dir={tmp_path / 'two'}",
+    ]
+    env = ENV | {"HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cache = tmp_path / "two" / "codes"
+    assert {f.name.split("-")[0] for f in (cache / "shards").glob("*.arrow")} == {"s0of2", "s1of2"}
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    one = one_run(tmp_path / "one", source="elise", path=str(table))  # a full (non-streaming) read
+    [index] = cache.glob("index-*.arrow")
+    assert index.name == one.index.name and by_id(index) == by_id(one.index)
+    assert keys(cache) == keys(tmp_path / "one")
+
+
 def test_sigkill_while_writing_shards_leaves_whole_shards_and_the_rerun_completes(tmp_path: Path) -> None:
     root = lj_folder(tmp_path / "lj", 48, seconds=0.8)
     cmd = [sys.executable, "-m", "elise.prepare", *SHARDS, "data=ljspeech", f"data.root={root}"]

@@ -46,6 +46,16 @@ def test_a_folder_of_scripts_is_generated_and_every_turn_scored(tiny_ckpt: Path,
     assert sf.info(turn).frames == tl["turns"][1]["frames"] * SPF
     assert turn.with_suffix(".txt").read_text() == "Morning to you!\n"
     assert json.loads((out / "morning" / "timeline.json").read_text()) == tl
+    table = (out / "eval_report.md").read_text().split("## Conversations\n\n", 1)[1].split("\n\n")[0]
+    rows = table.splitlines()
+    assert rows[0] == "| conversation | turns | seconds | duration ratio | RTF | EOS rate | cut | long |"
+    for row, name in zip(rows[2:], ("morning", "night"), strict=True):  # one row per conversation
+        turns = [r for r in items if r["conversation"] == name]
+        ratio = sum(r["duration_ratio"] for r in turns) / len(turns)
+        long = sum("long" in r["flags"] for r in turns)
+        seconds = report["conversations"][name]["seconds"]
+        assert row.startswith(f"| {name} | {len(turns)} | {seconds:.2f} | {ratio:.3f} | ")
+        assert row.endswith(f" | 0.00 | {len(turns)} | {long} |")  # no turn ended: all cut
 
 
 def test_a_voice_with_a_clip_is_sim_scored_against_it(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -13,6 +13,18 @@ def test_normalisation_makes_spoken_and_written_forms_equal() -> None:
     assert normalise("I can't believe it! <laughs>") == "i can not believe it"
 
 
+def test_british_and_american_spellings_are_the_same_words() -> None:
+    """Whisper's spelling map (shipped: no hub): a British text read back by a US recogniser is no error."""
+    import json
+
+    from elise.evaluate.metrics import SPELLING
+
+    assert wer("The colour of the theatre's organisers.", "the color of the theater's organizers") == 0.0
+    assert normalise("Apologised, catalogue, grey") == "apologized catalog gray"
+    assert len(json.loads(SPELLING.read_text())) == 1739  # the whole map, as Whisper ships it
+    assert "english_spelling.json" in (SPELLING.parent / "english_spelling.NOTICE.md").read_text()
+
+
 def test_error_rates_count_edits_over_the_reference() -> None:
     assert edit_distance("kitten", "sitting") == 3
     assert wer("the cat sat on the mat", "the cat sat on mat") == pytest.approx(1 / 6)

@@ -187,3 +187,19 @@ def test_an_idle_worker_gathers_the_requests_arriving_with_the_first(synth):
         assert batcher.prefills[0] == 2
     finally:
         batcher.stop()
+
+
+def test_warm_up_returns_with_the_worker_idle(synth):
+    """Ready means idle: the warm-up request is retired before the first client's request, which would
+    otherwise wait for the warm-up's remaining frames."""
+    from elise.serve.app import Limits, Server
+    from elise.serve.metrics import Metrics
+
+    batcher = Batcher(synth, max_batch=2)
+    batcher.start()
+    try:
+        server = Server(synth, batcher, None, Metrics(), Limits())  # type: ignore[arg-type]
+        server.warm_up()
+        assert server.ready and batcher.active() == 0 and batcher.rows == [] and batcher.between == []
+    finally:
+        batcher.stop()

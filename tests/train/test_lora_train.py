@@ -270,10 +270,17 @@ def test_lora_ckpt_synthesizes_and_its_export_gives_transformers_the_same_greedy
     assert not torch.equal(before, ours)  # the adapters matter
 
 
-def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, tmp_path, capsys):
+def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(
+    voice_run, tmp_path, capsys, monkeypatch
+):
     """experiment=voice's before/after: elise.evaluate on the held-out clip with the base at the start
-    and the LoRA checkpoint at the end; the summary prints both."""
+    and the trained model at the end, both the module's in memory (no checkpoint read again); the
+    summary prints both."""
+    import elise.synthesis.runtime as runtime
+
     _, _, overrides, _ = voice_run
+    read = []
+    monkeypatch.setattr(runtime, "load", lambda *args: read.append(args) or pytest.fail("read from disk"))
     extra = [
         "trainer.max_steps=2",
         "+voice_eval.clips=1",
@@ -284,9 +291,11 @@ def test_voice_eval_scores_the_base_and_the_result_on_held_out_clips(voice_run, 
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("voice eval on 1 held-out clips"))
     assert "wer " in line and "sim " in line and " -> " in line and "nan" not in line
-    for name in ("before", "after"):
+    for name, step in (("before", 0), ("after", 2)):
         report = json.loads((tmp_path / "voice_eval" / name / "eval_report.json").read_text())
         assert report["summary"]["counts"]["items"] == 1
+        assert report["run"]["ckpt"].endswith(f"(in memory, step {step})")
+    assert not read
     assert len(list((tmp_path / "voice_eval" / "held_out").glob("*.wav"))) == 1
 
 
@@ -370,6 +379,26 @@ def test_resuming_loads_the_adapters_strictly_and_the_frozen_base_from_init_from
         resume(dropped)
     with pytest.raises(RuntimeError, match="Unexpected key.*model.stray.lora_A"):
         resume({**ckpt["state_dict"], "model.stray.lora_A": torch.zeros(1)})
+
+
+def test_adapters_under_fsdp_load_without_the_base_as_before(voice_run):
+    """FSDP's strategy loads the weights (``strict=strict_loading``) and pops them before
+    ``on_load_checkpoint``: adapter checkpoints stay non-strict there, and the hook copes."""
+    from types import SimpleNamespace
+
+    from elise.module import EliseModule
+
+    tmp, _, _, _ = voice_run
+    ckpt = read_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
+    module = EliseModule(**ckpt["hyper_parameters"])
+    assert module.strict_loading  # single device, DDP: strict
+    module._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})())
+    assert not module.strict_loading
+    without = {k: v for k, v in ckpt.items() if k not in ("state_dict", "elise_rng")}
+    module.on_load_checkpoint(without)  # the state dict was popped already
+    assert "state_dict" not in without
+    module.lora = None
+    assert module.strict_loading  # a full model loads strictly under FSDP too
 
 
 def test_a_lora_checkpoint_missing_an_adapter_does_not_load(voice_run, tmp_path):
