@@ -154,6 +154,17 @@ class EliseModule(pl.LightningModule):
         self.bad_streak = 0
         self.nonfinite_stop: str | None = None
 
+    @property
+    def strict_loading(self) -> bool:
+        """Strict for adapter checkpoints too (``on_load_checkpoint`` adds the frozen base they lack), except
+        under FSDP, whose strategy loads a checkpoint's weights before that hook runs."""
+        fsdp = "FSDP" in type(getattr(self._trainer, "strategy", None)).__name__
+        return self._strict_loading in (None, True) and not (getattr(self, "lora", None) is not None and fsdp)
+
+    @strict_loading.setter
+    def strict_loading(self, value: bool) -> None:
+        self._strict_loading = value
+
     def freeze_backbone(self) -> None:
         """Freeze the backbone blocks and text embeddings (audio embeddings are shared with the decoder)."""
         for part in (self.model.backbone, self.model.text_embeddings):
@@ -334,7 +345,7 @@ class EliseModule(pl.LightningModule):
                 f"the checkpoint's adapters were trained on base {saved_base['path']} (sha256 "
                 f"{saved_base['sha256'][:12]}), not init_from={base['path']} (sha256 {base['sha256'][:12]})"
             )
-        if self.lora is not None:  # the frozen base stays as init_from loaded it; the rest loads strictly
+        if self.lora is not None and "state_dict" in checkpoint:  # the frozen base as init_from loaded it
             own = {k: v for k, v in self.state_dict().items() if not is_lora_key(k)}
             checkpoint["state_dict"] = own | dict(checkpoint["state_dict"])
         self.tokenizer_json = checkpoint.get("elise_tokenizer_json", self.tokenizer_json)

@@ -11,6 +11,7 @@ the casts and the fp32 element-wise work stay), else 32-true.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,22 +46,32 @@ def probe_shapes(model_cfg: Mapping[str, Any], rows: int = PROBE_ROWS) -> list[t
     return [(rows, dim, hidden), (rows, hidden, dim), (hidden, rows, dim)]
 
 
-def time_matmuls(shapes: list[tuple[int, int, int]], rounds: int = 3) -> tuple[float, float]:
-    """(fp32 s, bf16 s): best round of ``x @ w.T`` over ``shapes``, bf16 with the casts of fp32
-    inputs and weights that autocast does; the two dtypes alternate within each round."""
+def time_matmuls(
+    shapes: list[tuple[int, int, int]], rounds: int = 5, min_s: float = 0.02
+) -> tuple[float, float]:
+    """(fp32 s, bf16 s) per pass of ``x @ w.T`` over ``shapes``, bf16 with the casts of fp32 inputs and
+    weights that autocast does. A round repeats the pass until the fp32 one takes ``min_s`` (small
+    shapes would time the scheduler); the dtypes alternate within each round; the best round counts
+    (a busy machine only ever adds time)."""
     g = torch.Generator().manual_seed(0)
     pairs = [(torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)) for m, k, n in shapes]
+
+    def one_pass(dtype: str) -> None:
+        for x, w in pairs:
+            F.linear(x.bfloat16(), w.bfloat16()) if dtype == "bf16" else F.linear(x, w)
+
+    for dtype in ("fp32", "bf16"):  # warm the kernels up
+        one_pass(dtype)
+    start = time.perf_counter()
+    one_pass("fp32")
+    repeat = max(1, min(1000, math.ceil(min_s / max(time.perf_counter() - start, 1e-9))))
     best = {"fp32": float("inf"), "bf16": float("inf")}
-    for r in range(rounds + 1):  # round 0 warms the kernels up and is dropped
+    for _ in range(rounds):
         for dtype in ("fp32", "bf16"):
             start = time.perf_counter()
-            for x, w in pairs:
-                if dtype == "bf16":
-                    F.linear(x.bfloat16(), w.bfloat16())
-                else:
-                    F.linear(x, w)
-            if r:
-                best[dtype] = min(best[dtype], time.perf_counter() - start)
+            for _ in range(repeat):
+                one_pass(dtype)
+            best[dtype] = min(best[dtype], (time.perf_counter() - start) / repeat)
     return best["fp32"], best["bf16"]
 
 
@@ -76,7 +87,7 @@ def choose_precision(model_cfg: Mapping[str, Any], cpu: bool) -> PrecisionChoice
     speedup = fp32 / bf16
     precision = "bf16-mixed" if speedup >= MIN_SPEEDUP else "32-true"
     reason = (
-        f"CPU matmul probe {shapes} x{torch.get_num_threads()} threads: fp32 {fp32 * 1e3:.1f} ms, "
+        f"CPU matmul probe {shapes}, {torch.get_num_threads()} threads: fp32 {fp32 * 1e3:.1f} ms, "
         f"bf16 {bf16 * 1e3:.1f} ms ({speedup:.2f}x; bf16-mixed needs >= {MIN_SPEEDUP}x)"
     )
     return PrecisionChoice(precision, fp32, bf16, reason)

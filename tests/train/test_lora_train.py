@@ -381,6 +381,26 @@ def test_resuming_loads_the_adapters_strictly_and_the_frozen_base_from_init_from
         resume({**ckpt["state_dict"], "model.stray.lora_A": torch.zeros(1)})
 
 
+def test_adapters_under_fsdp_load_without_the_base_as_before(voice_run):
+    """FSDP's strategy loads the weights (``strict=strict_loading``) and pops them before
+    ``on_load_checkpoint``: adapter checkpoints stay non-strict there, and the hook copes."""
+    from types import SimpleNamespace
+
+    from elise.module import EliseModule
+
+    tmp, _, _, _ = voice_run
+    ckpt = read_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
+    module = EliseModule(**ckpt["hyper_parameters"])
+    assert module.strict_loading  # single device, DDP: strict
+    module._trainer = SimpleNamespace(strategy=type("FSDPStrategy", (), {})())
+    assert not module.strict_loading
+    without = {k: v for k, v in ckpt.items() if k not in ("state_dict", "elise_rng")}
+    module.on_load_checkpoint(without)  # the state dict was popped already
+    assert "state_dict" not in without
+    module.lora = None
+    assert module.strict_loading  # a full model loads strictly under FSDP too
+
+
 def test_a_lora_checkpoint_missing_an_adapter_does_not_load(voice_run, tmp_path):
     tmp, _, _, _ = voice_run
     ckpt = read_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
