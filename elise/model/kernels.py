@@ -5,7 +5,9 @@ CPUs differ: on the AMD EPYC (Zen 4) dev box int8 and int4 weight-only kernels r
 batch 1, on an Intel Xeon with AMX bf16 products run ~5x fp32. So the candidates (fp32, bf16, int8,
 int4: ``elise.model.quant``) are timed on the model's own weight shapes for the row counts that matter
 (1: a batch-1 frame, 8: a serving batch, 64: a prompt prefill); each timing is the per-frame (or
-per-prefill) sum over the model's matmuls, candidates interleaved and medians kept. The timings are
+per-prefill) sum over the model's matmuls, candidates interleaved, the fastest of the repetitions
+kept (other processes only ever add time, and a frame's sum multiplies a decoder matmul's time by
+124: a median of 3 let one stalled call inflate a frame 10x on a busy 2-core machine). The timings are
 cached per machine (CPU model, torch version, threads, shapes) in ``$ELISE_CACHE_DIR/kernels.json``
 (default ``~/.cache/elise``).
 
@@ -27,7 +29,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -161,7 +162,8 @@ def time_candidates(
     model: CSM, candidates: tuple[str, ...] = CANDIDATES, reps: int = 3
 ) -> dict[str, dict[str, float]]:
     """Seconds per frame (``frame``, ``batch8``: all matmuls of one frame at 1 / 8 rows) and per
-    64-row prefill (the backbone's matmuls) of each candidate, candidates interleaved, medians."""
+    64-row prefill (the backbone's matmuls) of each candidate, candidates interleaved, the fastest
+    repetition of each matmul (robust to other processes' stalls)."""
     p = next(model.parameters())
     plan = slots(model)
     mats: dict[str, list[Callable[[Tensor], Tensor]]] = {}
@@ -191,9 +193,9 @@ def time_candidates(
             total = 0.0
             for i, (_, count, prefill, _) in enumerate(plan):
                 if name == "prefill":
-                    total += statistics.median(times[(cand, name, i)]) if prefill else 0.0
+                    total += min(times[(cand, name, i)]) if prefill else 0.0
                 else:
-                    total += count * statistics.median(times[(cand, name, i)])
+                    total += count * min(times[(cand, name, i)])
             out[cand][name] = total
     return out
 
