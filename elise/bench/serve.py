@@ -112,7 +112,7 @@ def load(url: str, clients: int, per_client: int, sample_rate: int = 24_000) -> 
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    phases = {f"{k}_s": round(v - before.get(k, 0.0), 2) for k, v in worker_seconds(url).items()}
+    phases = {f"{k}_s": round(v - before.get(k, 0.0), 4) for k, v in worker_seconds(url).items()}
     ttfb = sorted(r[0] for r in results)
     total = sorted(r[1] for r in results)
     audio = sum(r[2] for r in results) / sample_rate
