@@ -102,11 +102,15 @@ def impl_flags(impl: str) -> dict[str, bool]:
     return {"fused": impl == "fused", "foreach": impl == "foreach"}
 
 
-def _keep_impl(flags: dict[str, bool], opt: torch.optim.Optimizer) -> None:
-    # a loaded state dict brings its param groups' fused/foreach flags (an older checkpoint: None,
-    # i.e. the for-loop on CPU): the configured implementation wins, the numbers are the same
-    for group in opt.param_groups:
-        group.update(flags)
+def _keep_impl(flags: dict[str, bool], opt: torch.optim.Optimizer, state_dict: dict) -> dict:
+    """Load-state pre-hook: a loaded state dict brings its param groups' fused/foreach flags (an older
+    checkpoint: None, the for-loop); the configured implementation wins, the numbers are the same. Set
+    before torch loads the state: it places each ``step`` counter by the *saved* groups' flags (on the
+    parameter's device for fused), so flags changed afterwards would leave CPU counters for a CUDA fused
+    kernel."""
+    state_dict = dict(state_dict)
+    state_dict["param_groups"] = [{**group, **flags} for group in state_dict["param_groups"]]
+    return state_dict
 
 
 def build_optimizer(
@@ -128,7 +132,7 @@ def build_optimizer(
     opt = torch.optim.AdamW(
         groups, lr=s["lr"], betas=s["betas"], eps=s["eps"], weight_decay=s["weight_decay"], **flags
     )
-    opt.register_load_state_dict_post_hook(functools.partial(_keep_impl, flags))
+    opt.register_load_state_dict_pre_hook(functools.partial(_keep_impl, flags))
     log.info("AdamW implementation: %s (optim.impl=%s)", impl, s["impl"])
     floor = s["min_lr"] / s["lr"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(s["warmup_steps"], total_steps, floor))

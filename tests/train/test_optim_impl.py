@@ -93,6 +93,25 @@ def test_resume_keeps_the_configured_impl_and_continues_exactly():
     assert not torch.equal(straight.audio_head, half.audio_head)  # steps 3-4 moved it
 
 
+def test_an_older_state_is_loaded_with_the_configured_flags(monkeypatch):
+    """torch places each loaded ``step`` counter by the saved groups' flags (fused: on the parameter's
+    device, float32); an older checkpoint's groups say None, so the configured flags must be in them
+    before torch casts the state (set afterwards, a CUDA fused step would get CPU counters)."""
+    model, _ = trained("for_loop", steps=2)
+    for group in model.state["opt"]["param_groups"]:
+        group["fused"] = group["foreach"] = None
+    seen = []
+    cast = torch.optim.Optimizer._process_value_according_to_param_policy
+
+    def spy(param, value, param_id, param_groups, key=None):
+        seen.append({g["fused"] for g in param_groups})
+        return cast(param, value, param_id, param_groups, key)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "_process_value_according_to_param_policy", staticmethod(spy))
+    trained("fused", steps=1, start=model.state)
+    assert seen and all(flags == {True} for flags in seen)
+
+
 def test_bf16_mixed_clips_the_fused_optimizers_gradients():
     """Lightning refuses to clip for an optimizer that unscales inside its step (fused), even under
     bf16-mixed, which has no scaler; the module clips there as fp32 does."""
