@@ -125,12 +125,17 @@ class Batcher:
         return self.codec_rows.count(False)
 
     def submit(self, job: Job) -> Job:
-        """Queue ``job``; QueueFull when ``max_queue`` jobs already wait."""
+        """Queue ``job``; QueueFull when ``max_queue`` jobs already wait. A worker that has stopped (or
+        failed) fails the job at once instead of leaving it waiting for ever."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
-            self.waiting.append(job)
-            self.cond.notify()
+            stopped = self.thread is not None and not self.running
+            if not stopped:
+                if len(self.waiting) >= self.max_queue:
+                    raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue={self.max_queue})")
+                self.waiting.append(job)
+                self.cond.notify()
+        if stopped:
+            job.sink(RuntimeError("the model worker is not running"))
         return job
 
     def call(self, fn: Callable[[], object]) -> Future:
@@ -171,6 +176,8 @@ class Batcher:
         self.thread.join(timeout=timeout)
         if self.thread.is_alive():
             log.warning("the model worker is still in a step after %.0f s; it stops after it", timeout)
+        else:  # the worker has gone: whatever reached the queues after its own clean-up fails here
+            self._fail_all(RuntimeError("the server is shutting down"))
 
     def _fail_all(self, err: BaseException) -> None:
         with self.cond:
@@ -194,6 +201,8 @@ class Batcher:
                         if not self.running:
                             return
                         self._gather()
+                        if not self.running:  # stopped during the admit window
+                            return
                     self._run_calls()
                     self._frame(decoder)
         except BaseException as err:  # a broken worker fails every job, never hangs them
@@ -253,7 +262,13 @@ class Batcher:
             admit.append(job)
         t0 = time.perf_counter()
         if admit:
-            self._admit(admit, decoder)
+            try:
+                self._admit(admit, decoder)
+            except BaseException as err:  # the worker dies; the jobs it held only here must hear it
+                for job in admit:
+                    if job not in self.rows:
+                        job.sink(err)
+                raise
         t1 = time.perf_counter()
         if self.rows:
             self._step()

@@ -203,3 +203,24 @@ def test_warm_up_returns_with_the_worker_idle(synth):
         assert server.ready and batcher.active() == 0 and batcher.rows == [] and batcher.between == []
     finally:
         batcher.stop()
+
+
+def test_a_worker_that_fails_while_admitting_fails_its_jobs_and_later_ones(synth, monkeypatch):
+    """A failure in the batched prefill (out of memory, a bad prompt) kills the worker: the jobs it was
+    admitting, a job submitted afterwards and the shutdown all answer instead of hanging."""
+    got: dict[int, list[object]] = {0: [], 1: []}
+    batcher = Batcher(synth, max_batch=4, chunk_frames=2)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("prefill failed")
+
+    monkeypatch.setattr(batcher.gen, "prefill_rows", boom)
+    batcher.submit(Job([TEXTS[0]], 0, [], SamplingConfig(), 1, got[0].append, float("inf")))
+    batcher.start()
+    batcher.thread.join(timeout=60)
+    assert not batcher.thread.is_alive() and not batcher.running
+    assert [str(e) for e in got[0]] == ["prefill failed"]
+    batcher.submit(Job([TEXTS[1]], 0, [], SamplingConfig(), 2, got[1].append, float("inf")))
+    assert [str(e) for e in got[1]] == ["the model worker is not running"]
+    batcher.stop(timeout=1)
+    assert len(got[0]) == len(got[1]) == 1  # each job heard one failure, once
