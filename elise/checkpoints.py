@@ -241,9 +241,9 @@ def weights_sha256(path: str | Path) -> str:
     """sha256 of a weights file, or of a transformers directory's config.json + *.safetensors (names
     and contents, sorted): what a LoRA checkpoint records of its base.
 
-    Cached by path, size and modification time of every file hashed (as ``elise.data.folder`` caches
-    its recordings), in memory and in ``<ELISE_CACHE_DIR>/weights_sha256.json``: a base of a few GB is
-    read once, not at every load of one of its LoRA checkpoints."""
+    Cached by path, size, modification time, inode and change time of every file hashed, in memory
+    and in ``<ELISE_CACHE_DIR>/weights_sha256.json``: a base of a few GB is read once, not at every
+    load of one of its LoRA checkpoints."""
     path = Path(path).resolve()
     files = [path] if path.is_file() else sorted([path / "config.json", *path.glob("*.safetensors")])
     stamp = json.dumps([[str(f), *_stat(f)] for f in files])
@@ -263,13 +263,15 @@ def weights_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-_SHA_CACHE: dict[str, str] = {}  # json [[file, size, mtime_ns], ...] -> sha256, this process
+_SHA_CACHE: dict[str, str] = {}  # json [[file, size, mtime_ns, dev, ino, ctime_ns], ...] -> sha256, this process
 SHA_CACHE_ENTRIES = 64  # the on-disk cache keeps the newest ones
 
 
 def _stat(path: Path) -> list[int]:
+    # size + mtime alone match a different base of the same architecture copied over the path with its
+    # mtime kept (cp -p, rsync -a, tar x); the inode and ctime change with any such replacement
     st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, st.st_ctime_ns]
 
 
 def sha_cache_file() -> Path:

@@ -211,6 +211,15 @@ def test_weights_sha256_hashes_once_per_path_size_and_mtime(tmp_path, monkeypatc
     (folder / "model.safetensors").write_bytes(b"tensors, more")
     assert checkpoints.weights_sha256(folder) != folder_sha and len(reads) == 4
 
+    # another base of the same size copied over the path with its mtime kept (cp -p, rsync -a)
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"weights 333")
+    kept = base.stat().st_mtime_ns
+    os.utime(other, ns=(kept, kept))
+    os.replace(other, base)
+    assert base.stat().st_size == len(b"weights two") and base.stat().st_mtime_ns == kept
+    assert checkpoints.weights_sha256(base) == real(b"weights 333").hexdigest() and len(reads) == 5
+
 
 def test_a_read_only_cache_dir_still_hashes(tmp_path, monkeypatch):
     from elise import checkpoints

@@ -123,14 +123,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+KEY_VERSION = "v2"  # bump when a candidate's kernels change: older cached timings are not reused
+
+
 def machine_key(model: CSM, device: torch.device) -> str:
-    """What the timings depend on: the processor, torch, threads, and the model's matmul shapes."""
+    """What the timings depend on: the processor, torch, threads, the model's matmul shapes and dtype,
+    and the candidates' definition (``KEY_VERSION``: v2 = int4 with its sensitive matmuls int8)."""
     cfg = model.cfg
     proc = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     shapes = [(s.dim, s.mlp_hidden, s.num_heads, s.num_kv_heads, s.head_dim, s.num_layers)
               for s in (cfg.backbone, cfg.decoder)]  # fmt: skip
     return (
         f"{proc}|torch {torch.__version__}|{torch.get_num_threads()} threads|{shapes}|{cfg.audio_vocab_size}"
+        f"|{next(model.parameters()).dtype}|{KEY_VERSION}"
     )
 
 

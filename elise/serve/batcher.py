@@ -13,7 +13,11 @@ only the active rows.
 A job is one request: its text pieces (sentences) run one after the other in the same row, each
 prompted by the voice and the previous piece (``Synthesizer.prompt``, the engine's prompts), with
 the engine's pause between them. Each job samples from its own ``torch.Generator`` seeded with its
-seed, so its codes do not depend on which other jobs share its steps.
+seed, so with fp32 matmuls its codes do not depend on which other jobs share its steps. With a
+quantized plan (``quantize=auto|int8|int4``) they can: the kernel is chosen per call by its row count
+(``quant.RowDispatch``; int8 also quantizes activations above 16 rows), so a request alone and the same
+request among 8 others may run different kernels and differ in a few near-tie codes (within the
+agreement check's 1 %, which probes batch 1).
 """
 
 from __future__ import annotations

@@ -180,3 +180,16 @@ def test_prepare_model_quantize_values(tmp_path, monkeypatch):
     assert (tmp_path / "kernels.json").is_file()  # auto timed the candidates and cached them
     with pytest.raises(SynthesisError, match="use auto, none, int8, int4, bf16"):
         prepare_model(random_model("tiny"), torch.float32, quantize="int3")
+
+
+def test_the_timing_cache_key_names_the_dtype_and_the_candidates_version():
+    """Timings of an fp32 model are not reused for a bf16 one, nor timings cached before a candidate's
+    kernels changed (int4 with its sensitive matmuls int8: KEY_VERSION)."""
+    from elise.model import build_model
+    from elise.model.kernels import KEY_VERSION
+    from elise.model.presets import preset
+
+    model = build_model(preset("test"))
+    fp32 = machine_key(model, torch.device("cpu"))
+    assert fp32.endswith(f"|torch.float32|{KEY_VERSION}")
+    assert machine_key(model.to(torch.bfloat16), torch.device("cpu")) != fp32
