@@ -263,7 +263,9 @@ def weights_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-_SHA_CACHE: dict[str, str] = {}  # json [[file, size, mtime_ns, dev, ino, ctime_ns], ...] -> sha256, this process
+_SHA_CACHE: dict[
+    str, str
+] = {}  # json [[file, size, mtime_ns, dev, ino, ctime_ns], ...] -> sha256, this process
 SHA_CACHE_ENTRIES = 64  # the on-disk cache keeps the newest ones
 
 
