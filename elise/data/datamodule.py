@@ -150,6 +150,7 @@ class EliseDataModule(pl.LightningDataModule):
         index through ``index_pointer``, so other ranks need not build the codec)."""
         if not self.cache_ready:
             prepared = self._prepare(progress=True)
+            self.prepared = prepared if prepared.index is None else None  # setup reuses it (npy store)
             self._report = prepared.report
             self.index_file = prepared.index
             if prepared.index is not None and self.data_cfg.get("source") != "codes":
@@ -163,7 +164,9 @@ class EliseDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             if not self._open_index():
-                self.prepared = self._prepare(progress=False)  # cache hits only after prepare_data
+                if self.prepared is None:  # another rank: cache hits only after prepare_data
+                    self._check_stream_store()
+                    self.prepared = self._prepare(progress=False)
                 self.train_set = CodesDataset(self.prepared.split("train"))
                 self.val_set = CodesDataset(self.prepared.split("val"))
                 self._report = self.prepared.report
@@ -194,6 +197,16 @@ class EliseDataModule(pl.LightningDataModule):
         return planner
 
     # ---- loaders -------------------------------------------------------------------------
+
+    def _check_stream_store(self) -> None:
+        """A streamed source in the npy store keeps no index: each further rank would read the whole
+        stream again (a full download per rank). Raises ValueError naming the fix."""
+        cfg = dict(self.data_cfg or {})
+        if cfg.get("streaming") and str(cfg.get("store") or "npy") == "npy" and self._world()[0] > 1:
+            raise ValueError(
+                "data.streaming=true on several ranks needs data.store=shards (with the npy store every rank "
+                "would read the whole stream again)"
+            )
 
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -246,3 +246,30 @@ def test_a_finished_streamed_shard_store_is_not_streamed_again(
     dm.prepare_data()  # training on the prepared stream
     dm.setup("fit")
     assert len(dm.train_set) + len(dm.val_set) == len(ClipIndex(first.index)) == len(first.examples)
+
+
+def test_training_on_a_stream_in_the_npy_store_streams_it_once_per_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prepare_data's result is reused by setup in the same process (it streamed twice); a further rank
+    with the npy store, which keeps no index, would stream everything again: a one-line ValueError."""
+    from types import SimpleNamespace
+
+    import datasets
+
+    from elise.data.datamodule import EliseDataModule
+
+    data = parquet_folder(tmp_path / "pq")
+    c = cfg(data, tmp_path / "c", streaming=True) | {"max_tokens": 400, "max_samples": 4}
+    opened = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: opened.append(kw) or real(*a, **kw))
+    dm = EliseDataModule(c, {"name": "tiny"})
+    dm.prepare_data()
+    streams = len(opened)
+    dm.setup("fit")
+    assert len(opened) == streams and len(dm.train_set) + len(dm.val_set) > 0
+    other = EliseDataModule(c, {"name": "tiny"})
+    other.trainer = SimpleNamespace(world_size=2, global_rank=1)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="needs data.store=shards"):
+        other.setup("fit")
