@@ -190,6 +190,11 @@ class VoiceEval(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if "FSDP" in type(trainer.strategy).__name__:  # a forward on rank 0 alone would wait for the others
+            log.warning(
+                "voice_eval: skipped under FSDP (evaluate the checkpoints with python -m elise.evaluate)"
+            )
+            return
         from elise.codec import build_codec
         from elise.data.audio import write_wav
         from elise.evaluate.score import Scorer
@@ -208,8 +213,11 @@ class VoiceEval(pl.Callback):
         self.texts = [e.text for e in examples]
         self.device = pl_module.device.type
         self.scorer = Scorer(self.metrics, self.asr, None, self.sim, None, "auto", self.device)
-        name = f"init_from={self.base} (in memory, step {trainer.global_step})"
-        self.results["before"] = self.evaluate(self.in_memory(pl_module, name), "before")
+        if trainer.global_step > 0:  # resumed: the module holds trained weights; the base is on disk
+            self.results["before"] = self.evaluate(self.base, "before")
+        else:
+            name = f"init_from={self.base} (in memory, step {trainer.global_step})"
+            self.results["before"] = self.evaluate(self.in_memory(pl_module, name), "before")
 
     def in_memory(self, pl_module: pl.LightningModule, name: str) -> Any:
         """The module's CSM as ``load_model`` would give it: a copy, adapters merged, in eval mode."""

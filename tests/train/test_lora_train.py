@@ -410,3 +410,39 @@ def test_a_lora_checkpoint_missing_an_adapter_does_not_load(voice_run, tmp_path)
     with pytest.raises(CheckpointError, match="adapters do not match lora=") as err:
         load_model(tmp_path / "partial.ckpt")
     assert gone[len("model.") :] in str(err.value) and "\n" not in str(err.value)
+
+
+def test_voice_eval_scores_the_base_from_disk_on_resume_and_skips_under_fsdp(tmp_path, monkeypatch, caplog):
+    """Resumed, the module holds trained weights when training starts: 'before' is the base read from
+    its path, not the module; under FSDP a forward on rank 0 alone would hang: skipped with a warning."""
+    from types import SimpleNamespace
+
+    import elise.evaluate.score as score
+    from elise.train import VoiceEval
+
+    monkeypatch.setattr(score, "Scorer", lambda *a, **kw: "scorer")
+    example = SimpleNamespace(
+        id="clip", text="Hello.", load_codes=lambda: torch.zeros(32, 4, dtype=torch.long)
+    )
+    data = SimpleNamespace(val_set=SimpleNamespace(examples=[example]))
+    module = SimpleNamespace(device=torch.device("cpu"))
+
+    def voice_eval() -> VoiceEval:
+        ve = VoiceEval({"clips": 1}, "/runs/base.ckpt", {"name": "tiny"}, tmp_path, None)
+        ve.evaluate = lambda loaded, name: ve.seen.append((loaded, name)) or {"wer": 0.5}  # type: ignore[method-assign]
+        ve.seen = []  # type: ignore[attr-defined]
+        return ve
+
+    resumed = voice_eval()
+    trainer = SimpleNamespace(is_global_zero=True, strategy=object(), global_step=6, datamodule=data)
+    resumed.on_train_start(trainer, module)  # type: ignore[arg-type]
+    assert resumed.seen == [("/runs/base.ckpt", "before")]  # type: ignore[attr-defined]
+
+    class FSDPStrategy:
+        pass
+
+    sharded = voice_eval()
+    trainer = SimpleNamespace(is_global_zero=True, strategy=FSDPStrategy(), global_step=0, datamodule=data)
+    with caplog.at_level("WARNING"):
+        sharded.on_train_start(trainer, module)  # type: ignore[arg-type]
+    assert sharded.seen == [] and sharded.scorer is None and "skipped under FSDP" in caplog.text  # type: ignore[attr-defined]
