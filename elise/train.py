@@ -348,6 +348,9 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     if resumed:
         schedule_follows_max_steps(resumed[1], int(cfg.trainer.max_steps))
         checkpoint_io.hold(*resumed)
+        del (
+            resumed
+        )  # the checkpoint I/O drops it once Lightning has loaded it (a rotated last.ckpt frees its space)
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     voice_eval = None
     if cfg.get("voice_eval") and cfg.get("init_from"):

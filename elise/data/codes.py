@@ -88,16 +88,22 @@ def prepare_codes(
                 print_report(meta["report"])
             return PreparedData([], meta["report"], cache, out)
     builder = _IndexBuilder(cfg, tokenizer, files)
+    # the stamps mark the index current: written only with the final rows (a kill between the two
+    # writes below must not leave a current-looking index with the per-id split unfixed)
     write_index(
         out,
         builder.batches(),
-        lambda: builder.meta(time.perf_counter() - start, str(path)) | {"stamps": current},
+        lambda: (
+            builder.meta(time.perf_counter() - start, str(path))
+            | ({"stamps": current} if builder.moved is None else {})
+        ),
     )
     meta = json.loads(side.read_text(encoding="utf-8"))
     if builder.moved is not None:  # the split of the whole set differs from the per-id rule: fix the rows
         table = read_ipc(out)
         column = pa.array(builder.moved, pa.bool_())
         table = table.set_column(table.schema.get_field_index("val"), "val", column)
+        meta |= {"stamps": current}
         write_index(out, table.to_batches(), meta)
     report = meta["report"]
     write_json(cache / "prepare_report.json", report)

@@ -227,3 +227,31 @@ def test_a_finished_stream_is_not_read_again(tmp_path: Path, monkeypatch: pytest
     assert again.index == first.index and again.report == first.report
     with pytest.raises(Exception, match="opened again"):  # another split is another stream
         prepare_codes(c | {"split": "test"}, ByteTokenizer(), progress=False)
+
+
+def test_a_kill_before_the_split_is_fixed_leaves_no_current_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With val_count the index is written twice (rows, then the whole set's split): a kill between the
+    two writes must leave an index the next run rebuilds, not a current-looking one with no val clips."""
+    import elise.data.codes as codes
+
+    (tmp_path / "src").mkdir()
+    write_ipc(tmp_path / "src" / "a.arrow", table(clips(), "kt"))
+    c = cfg(tmp_path / "src", tmp_path / "cache")
+    writes = []
+    real = codes.write_index
+
+    def killed_on_second(*args: object, **kw: object) -> None:
+        writes.append(1)
+        if len(writes) == 2:
+            raise KeyboardInterrupt("killed")
+        real(*args, **kw)
+
+    monkeypatch.setattr(codes, "write_index", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_codes(c, ByteTokenizer(), progress=False)
+    monkeypatch.setattr(codes, "write_index", real)
+    data = prepare_codes(c, ByteTokenizer(), progress=False)
+    assert data.report["val"] == 2
+    assert sum(e.split == "val" for e in examples_of(data.index)) == 2  # the rows, not only the report
