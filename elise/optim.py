@@ -83,15 +83,22 @@ def resolve_impl(impl: str, params: Iterable[torch.Tensor], fused_ok: bool = Tru
     every parameter's device type has torch's fused kernel (and ``fused_ok``: not under a gradient
     scaler with clipping, which Lightning cannot do for an optimizer that unscales inside its step),
     else ``foreach`` where it has the multi-tensor kernels (CUDA), else ``for_loop``. Explicit choices
-    are returned as they are."""
-    if impl != "auto":
-        return impl
+    are returned as they are; ``fused`` where it cannot run is a one-line ValueError."""
     from torch.optim.optimizer import (
         _get_foreach_kernels_supported_devices,
         _get_fused_kernels_supported_devices,
     )
 
     devices = {p.device.type for p in params}
+    if impl == "fused" and not (fused_ok and devices <= set(_get_fused_kernels_supported_devices())):
+        why = (
+            "a gradient scaler (16-mixed) with clipping"
+            if fused_ok is False
+            else f"devices {sorted(devices)}"
+        )
+        raise ValueError(f"optim.impl=fused is not possible with {why}: use optim.impl=auto or foreach")
+    if impl != "auto":
+        return impl
     if fused_ok and devices <= set(_get_fused_kernels_supported_devices()):
         return "fused"
     return "foreach" if devices <= set(_get_foreach_kernels_supported_devices()) else "for_loop"

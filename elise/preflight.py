@@ -52,6 +52,12 @@ def preflight(cfg: DictConfig) -> None:
     lr = cfg.get("optim", {}).get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise UserError(f"optim.lr={lr}: the learning rate must be a number > 0")
+    from elise.optim import optim_settings  # torch: training imports it next anyway
+
+    try:  # the rest of the optim group (impl, min_lr, ...) as the optimizer will read it
+        optim_settings(OmegaConf.to_container(cfg.optim, resolve=True) if cfg.get("optim") else None)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from None
     data = cfg.get("data") or {}
     max_samples = data.get("max_samples")
     if max_samples is not None and int(max_samples) <= 0:

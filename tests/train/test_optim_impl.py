@@ -134,3 +134,15 @@ def test_bf16_mixed_clips_the_fused_optimizers_gradients():
     module.configure_gradient_clipping(opt, 1.0, "norm")
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in module.parameters()]))
     assert norm == pytest.approx(1.0, rel=1e-3)  # from ~1e4
+
+
+def test_fused_where_it_cannot_run_is_a_one_line_error():
+    """Explicit optim.impl=fused under a scaler with clipping (Lightning would raise at the first step)
+    or on a device without the kernel: a ValueError naming the way out, before training starts."""
+    params = [torch.zeros(2, requires_grad=True)]
+    assert resolve_impl("fused", params) == "fused"
+    with pytest.raises(ValueError, match="scaler.*optim.impl=auto"):
+        resolve_impl("fused", params, fused_ok=False)
+    meta = [torch.zeros(2, device="meta")]
+    with pytest.raises(ValueError, match=r"devices \['meta'\]"):
+        resolve_impl("fused", meta)

@@ -65,6 +65,8 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tmp_path, code_
         (["seed=4294967296"], "seed=4294967296"),
         (["optim.lr=-1"], "optim.lr=-1: the learning rate must be a number > 0"),
         (["optim.lr=0"], "optim.lr=0"),
+        (["optim.impl=bogus"], "optim.impl must be one of auto, fused, foreach, for_loop, got 'bogus'"),
+        (["optim.min_lr=1"], "need 0 <= min_lr <= lr"),
         (["data.max_samples=0"], "data.max_samples=0 leaves no data"),
         (["trainer=cpu", "trainer.devices=64"], "trainer.devices=64 would start 64 training processes"),
         (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
