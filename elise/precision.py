@@ -75,8 +75,12 @@ def time_matmuls(
     return best["fp32"], best["bf16"]
 
 
-def choose_precision(model_cfg: Mapping[str, Any], cpu: bool) -> PrecisionChoice:
-    """Resolve ``trainer.precision=auto`` for a model config on this machine (see the module docstring)."""
+def choose_precision(model_cfg: Mapping[str, Any], cpu: bool, processes: int = 1) -> PrecisionChoice:
+    """Resolve ``trainer.precision=auto`` for a model config on this machine (see the module docstring).
+    ``processes``: training processes; several on a CPU keep fp32 (each would time its own probe on
+    shared cores and ranks could choose differently)."""
+    if cpu and processes > 1:
+        return PrecisionChoice("32-true", None, None, f"{processes} CPU processes: fp32 (no per-rank probe)")
     if not cpu:
         ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return PrecisionChoice(

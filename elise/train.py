@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from elise.callbacks import SaveOnSigterm
@@ -327,7 +327,16 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
             "init_from=%s: %s weights, with their architecture and tokenizer", cfg.init_from, loaded.source
         )
     if cfg.trainer.precision == "auto":
-        choice = choose_precision(model_cfg, cpu=on_cpu(cfg.trainer))
+        devices = cfg.trainer.get("devices", 1)
+        per_node = (
+            len(devices)
+            if isinstance(devices, list | ListConfig)
+            else int(devices)
+            if str(devices).isdigit()
+            else 1
+        )
+        processes = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
+        choice = choose_precision(model_cfg, cpu=on_cpu(cfg.trainer), processes=processes)
         log.info("trainer.precision=auto -> %s: %s", choice.precision, choice.reason)
         with open_dict(cfg):
             cfg.trainer.precision = choice.precision

@@ -48,3 +48,10 @@ def test_auto_reaches_the_trainer_and_logs_the_timings(monkeypatch, fast_overrid
     assert seen["precision"] == "bf16-mixed" and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert "trainer.precision=auto -> bf16-mixed: CPU matmul probe" in caplog.text
     assert "fp32 300.0 ms, bf16 100.0 ms (3.00x" in caplog.text
+
+
+def test_several_cpu_processes_keep_fp32_without_a_probe(monkeypatch):
+    """CPU DDP ranks would each time their own probe on shared cores and could choose differently."""
+    monkeypatch.setattr(precision, "time_matmuls", lambda shapes: pytest.fail("probed"))
+    choice = choose_precision(preset("marvis_250m").to_dict(), cpu=True, processes=2)
+    assert choice.precision == "32-true" and "2 CPU processes" in choice.reason
