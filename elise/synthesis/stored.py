@@ -67,7 +67,12 @@ def write_stored(folder: Path, name: str, voice: StoredVoice) -> None:
     for path, write in ((codes_path, lambda f: np.save(f, voice.codes.numpy().astype(np.int16), allow_pickle=False)),
                         (meta_path, lambda f: f.write(json.dumps(meta).encode()))):  # fmt: skip
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", delete=False) as tmp:
-            write(tmp)
+            try:
+                write(tmp)
+            except BaseException:  # a full disk: no half-written temporary file left in the folder
+                tmp.close()
+                os.unlink(tmp.name)
+                raise
         os.replace(tmp.name, path)
 
 

@@ -51,3 +51,17 @@ def test_an_unreadable_stored_voice_is_a_400_naming_it(served):
         assert speak(url, "default").status_code == 200  # the server goes on
     finally:
         server.voices.delete("broken")
+
+
+def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
+    """A write that fails (a full disk) leaves neither the voice nor its temporary file in the folder."""
+    import numpy as np
+    import pytest
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_stored(tmp_path, "v", StoredVoice("Hi.", 0, "tiny", torch.zeros(32, 2, dtype=torch.long)))
+    assert list(tmp_path.iterdir()) == []
