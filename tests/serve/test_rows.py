@@ -148,6 +148,16 @@ def test_only_rows_with_new_frames_are_decoded(synth):
     _wavs, _sizes, _first, calls, _b = run_jobs(synth, [TEXTS[2]], chunk=2, max_batch=8)
     assert calls and all(c == calls[0] and len(c) == 1 for c in calls)  # one row of the 8, each call
 
+    # a second job joining one frame later is out of phase with the first (first frame at once, then
+    # every 2 frames): the calls where only one of them has a chunk ready decode that row alone
+    def during(batcher, jobs, job):
+        if batcher.steps == 1 and len(jobs) == 1:
+            jobs.append(batcher.submit(job(1, TEXTS[3])))
+
+    _wavs, _sizes, _first, calls, _b = run_jobs(synth, [TEXTS[2]], chunk=2, max_batch=8, during=during)
+    rows = {r for c in calls for r in c}
+    assert len(rows) == 2 and any(len(c) == 1 for c in calls[1:]) and any(len(c) == 2 for c in calls)
+
 
 def test_stop_lets_the_worker_fail_its_jobs_itself(synth):
     """A worker still inside a step when stop() gives up waiting: the jobs are failed by the worker when
@@ -224,3 +234,39 @@ def test_a_worker_that_fails_while_admitting_fails_its_jobs_and_later_ones(synth
     assert [str(e) for e in got[1]] == ["the model worker is not running"]
     batcher.stop(timeout=1)
     assert len(got[0]) == len(got[1]) == 1  # each job heard one failure, once
+
+
+def test_every_piece_starts_a_fresh_codec_stream_even_in_a_reused_row(synth):
+    """A job of two pieces, then a second job in the row the first one freed (max_batch=1): the codec
+    row is reset before the first decode of each piece, so no piece hears the previous one's state."""
+
+    class Recorder(Rows):
+        def __init__(self, decode):
+            super().__init__(decode)
+            self.events: list[tuple[str, int]] = []
+
+        def reset(self, row):
+            self.events.append(("reset", row))
+
+        def decode(self, chunks):
+            self.events += [("decode", row) for row in sorted(chunks)]
+            return super().decode(chunks)
+
+    decoder = Recorder(synth.codec.decode)
+    done = threading.Semaphore(0)
+    sink = lambda item: done.release() if item is DONE else None  # noqa: E731
+    batcher = Batcher(synth, max_batch=1, chunk_frames=4)
+    synth.codec.row_decoder = lambda rows: _context(decoder)  # type: ignore[method-assign]
+    try:
+        batcher.submit(Job(["First piece.", "Second piece."], 0, [], SamplingConfig(), 1, sink, float("inf")))
+        batcher.submit(Job(["Another job."], 0, [], SamplingConfig(), 2, sink, float("inf")))
+        batcher.start()
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        batcher.stop()
+        del synth.codec.row_decoder
+    resets = [i for i, e in enumerate(decoder.events) if e[0] == "reset"]
+    assert len(resets) == 3 and {row for _, row in decoder.events} == {0}  # 3 pieces, one reused row
+    assert resets[0] == 0  # before the first decode
+    for a, b in zip(resets, [*resets[1:], len(decoder.events)], strict=True):
+        assert b - a > 1  # each piece decodes after its reset
