@@ -42,7 +42,7 @@ from elise.data.items import Example, PreparedData
 from elise.data.prepare import data_settings
 from elise.data.report import print_report, write_json
 from elise.data.shards import INDEX_SCHEMA, ClipIndex, read_ipc, write_index, write_ipc
-from elise.data.sources import speaker_map
+from elise.data.sources import is_saved_dataset, load_hub, load_saved, parquet_files, speaker_map
 from elise.data.split import split_scores, val_mask
 from elise.layout import NUM_CODEBOOKS
 from elise.text import ByteTokenizer, Tokenizer, encode_prompt, format_prompt
@@ -137,11 +137,7 @@ def source_files(path: str, cfg: dict) -> list[str]:
     local = Path(path).expanduser()
     if cfg.get("streaming"):
         return _stream_to_files(path, cfg)
-    if (
-        local.is_dir()
-        and not (local / "state.json").is_file()
-        and not (local / "dataset_dict.json").is_file()
-    ):
+    if local.is_dir() and not is_saved_dataset(local):
         arrow = sorted(local.rglob("*.arrow"))
         if arrow:
             return [str(f) for f in arrow]
@@ -152,23 +148,17 @@ def source_files(path: str, cfg: dict) -> list[str]:
 
 
 def _load(path: str, cfg: dict, streaming: bool = False) -> Any:
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    from elise.data.sources import DataUnavailable
+    """The rows as a ``datasets`` dataset, through the readers audio sources use (``elise.data.sources``:
+    a ``save_to_disk`` folder, the split's parquet files, or the hub with its one-line failure)."""
+    from datasets import load_dataset
 
     local, split = Path(path).expanduser(), cfg.get("split") or "train"
-    if local.exists():
-        if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
-            ds = load_from_disk(str(local))
-            return ds[split] if isinstance(ds, DatasetDict) else ds
-        files = [local] if local.is_file() else sorted(local.rglob("*.parquet"))
-        if not files:
-            raise FileNotFoundError(f"no .arrow or .parquet files in data.path={local}")
-        return load_dataset("parquet", data_files=[str(f) for f in files], split="train", streaming=streaming)
-    try:
-        return load_dataset(path, split=split, streaming=streaming)
-    except Exception as err:  # hub errors come as many types (HTTP, gated, not found, offline)
-        raise DataUnavailable(f"cannot load dataset {path!r} ({type(err).__name__}: {err})"[:300]) from err
+    if not local.exists():
+        return load_hub(path, split, streaming=streaming)
+    if is_saved_dataset(local):
+        ds = load_saved(local, split)
+        return ds.to_iterable_dataset() if streaming else ds
+    return load_dataset("parquet", data_files=parquet_files(local, split), split="train", streaming=streaming)
 
 
 def _stream_to_files(path: str, cfg: dict) -> list[str]:

@@ -96,6 +96,12 @@ def test_parquet_save_to_disk_and_streaming_sources(tmp_path: Path) -> None:
     ):
         got = {e.id: e.load_codes().numpy() for e in examples_of(data.index)}
         assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    # a clone of a hub repo: data.split picks its files, as it does for audio sources (sources.parquet_files)
+    pq.write_table(table(clips(n=7, seed=2), "tk"), tmp_path / "pq" / "test-0000.parquet")
+    for split, n in (("train", len(rows)), ("test", 7)):
+        for streaming in (False, True):
+            c = cfg(tmp_path / "pq", tmp_path / f"s-{split}-{streaming}", split=split, streaming=streaming)
+            assert prepare_codes(c, ByteTokenizer(), progress=False).report["total"] == n
 
 
 def test_bad_codes_columns_are_one_line_errors(tmp_path: Path) -> None:
