@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from elise.layout import CODEBOOK_SIZE, EOS_CODE, NUM_CODEBOOKS, ROW_WIDTH
+from elise.layout import CODEBOOK_SIZE, EOS_CODE, NUM_CODEBOOKS, ROW_WIDTH, pad_rows
 from elise.model.csm import CSM
 
 Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per item
@@ -208,11 +208,7 @@ class FrameGenerator:
             b, d = self.lengths.shape[0], self.model.cfg.backbone.dim
             self.h = torch.zeros(b, d, dtype=self.backbone_cache.k.dtype, device=self.device)
         n = len(prompts)
-        longest = max(t.shape[0] for t, _ in prompts)
-        tokens = torch.zeros(n, longest, ROW_WIDTH, dtype=torch.long)
-        mask = torch.zeros(n, longest, ROW_WIDTH, dtype=torch.bool)  # padding: fully masked rows
-        for i, (t, m) in enumerate(prompts):
-            tokens[i, : t.shape[0]], mask[i, : t.shape[0]] = t, m
+        tokens, mask = pad_rows(prompts)  # padding: fully masked rows
         lengths = torch.tensor([t.shape[0] for t, _ in prompts], device=self.device)  # [n]
         x = self.model.embed_rows(tokens.to(self.device), mask.to(self.device))  # [n, S, Db]
         h = self.model.backbone(x, None, self.backbone_cache.rows(start, start + n))  # [n, S, Db]

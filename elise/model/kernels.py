@@ -308,7 +308,7 @@ def choose_kernels(
         write_cache(path, key, timings)
     faster = [c for c in candidates if c != "fp32" and any(timings[c][n] < timings["fp32"][n] for n in ROWS)]
     faster.sort(key=lambda c: timings[c]["frame"])
-    checks = check_candidates(judge if judge is not None else model, faster, probe)
+    checks = check_candidates(judge if judge is not None else model, faster, probe) if faster else {}
     passing = ["fp32", *(c for c in faster if checks[c].passed)]
     plan = {name: min((timings[c][name], c) for c in passing)[1] for name in ROWS}
     quantize_plan(model, plan)

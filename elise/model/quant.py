@@ -203,8 +203,9 @@ class RowDispatch:
     steps and bf16 for batches and prefill; each distinct candidate holds its own copy of the weight."""
 
     def __init__(self, weights: list[Tensor], plan: dict[str, str], sensitive: bool = False):
-        made = {cand: kernel(cand, sensitive)(weights) for cand in dict.fromkeys(plan.values())}
-        self.by_class = {name: made[plan[name]] for name, _ in ROW_CLASSES}
+        makers = {name: kernel(plan[name], sensitive) for name, _ in ROW_CLASSES}
+        made = {maker: maker(weights) for maker in dict.fromkeys(makers.values())}  # int4 and int8 share
+        self.by_class = {name: made[maker] for name, maker in makers.items()}  # a sensitive weight's int8
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.by_class[row_class(x.numel() // x.shape[-1])](x)
@@ -235,9 +236,10 @@ def quantize_plan(model: CSM, plan: dict[str, str]) -> CSM:
     int4): one candidate everywhere is ``quantize`` (fp32: the fused fp32 model), several a
     ``RowDispatch`` per matmul. In place; returns ``model``."""
     chosen = set(plan.values())
+    if chosen == {"fp32"}:
+        return dequantize(model).fuse()
     if len(chosen) == 1:
-        dequantize(model).fuse()
-        return model if chosen == {"fp32"} else quantize(model, chosen.pop())
+        return quantize(model, chosen.pop())  # replaces every fused or quantized matmul
     return attach(model, lambda ws: RowDispatch(ws, plan), lambda ws: RowDispatch(ws, plan, sensitive=True))
 
 

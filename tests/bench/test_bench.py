@@ -171,9 +171,13 @@ def test_bench_synth_tiny():
     passed = {c for c, a in choice["agreement"].items() if a["codes_equal"] >= MIN_CODE_AGREEMENT}
     assert set(choice["plan"].values()) <= {"fp32", *passed}
     for name, kept in choice["plan"].items():
-        assert f"{name} {kept}" in choice["reason"] and f"{name} " in choice["table"]
+        assert f"{name} {kept}" in choice["reason"]
+        kept_cell = f"{name} {choice['timings_s'][kept][name] * 1e3:.1f} ms*"  # marked kept in its row
+        assert any(
+            line[2:].startswith(f"{kept}:") and kept_cell in line for line in choice["table"].splitlines()
+        )
         assert choice["timings_s"][kept][name] == min(choice["timings_s"][c][name] for c in {"fp32", *passed})
-    assert "elise_auto" in res["per_frame_s"] and res["batch"]["auto_b2"]["total_frames_per_s"] > 0
+    assert res["batch"]["auto_b2"]["total_frames_per_s"] > 0
 
 
 def test_bench_train_tiny_same_loss_as_transformers():

@@ -149,3 +149,16 @@ def test_int4_synthesis_runs_the_int4_kernels():
     backbone = 4 * cfg.backbone.num_layers * frames  # the prefill, then advance() after frame 1
     decoder = 4 * cfg.decoder.num_layers * (NUM_CODEBOOKS - 1) * frames
     assert sum(count.rows.values()) == backbone + decoder + frames  # the projection is int8 too
+
+
+def test_a_row_dispatch_builds_each_kernel_once():
+    """int4 keeps a sensitive weight int8: a plan of int4 and int8 holds one int8 copy of it, not two."""
+    from elise.model.quant import Int8Matmul, RowDispatch
+
+    w = [torch.randn(64, 64)]
+    plan = {"frame": "int4", "batch8": "int8", "prefill": "int8"}
+    sensitive = RowDispatch(w, plan, sensitive=True)
+    assert isinstance(sensitive.by_class["frame"], Int8Matmul)
+    assert sensitive.by_class["frame"] is sensitive.by_class["batch8"] is sensitive.by_class["prefill"]
+    plain = RowDispatch(w, plan)
+    assert plain.by_class["frame"] is not plain.by_class["batch8"]
