@@ -27,7 +27,7 @@ from elise.layout import NUM_CODEBOOKS
 from elise.model import CSMConfig, build_model
 from elise.model.lora import LoRAConfig, add_lora, is_lora_key
 from elise.model.loss import LossOutput, csm_loss
-from elise.optim import build_optimizer, optim_settings
+from elise.optim import build_optimizer, optim_settings, schedule_follows_max_steps
 
 
 class PerCodebookMean(Metric):
@@ -338,6 +338,7 @@ class EliseModule(pl.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if is_lora_key(k)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        schedule_follows_max_steps(checkpoint, self.total_steps)
         saved_base = (checkpoint.get("hyper_parameters") or {}).get("lora_base")
         base = self.hparams.get("lora_base")
         if self.lora is not None and saved_base and base and saved_base["sha256"] != base["sha256"]:

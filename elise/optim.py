@@ -144,3 +144,34 @@ def build_optimizer(
     floor = s["min_lr"] / s["lr"]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(s["warmup_steps"], total_steps, floor))
     return opt, sched
+
+
+def schedule_follows_max_steps(checkpoint: dict[str, Any], max_steps: int) -> None:
+    """Resuming with another ``trainer.max_steps``: the cosine schedule ends at the new ``max_steps``.
+
+    Called from ``EliseModule.on_load_checkpoint`` (every strategy, FSDP included, before Lightning
+    restores the optimizer and scheduler). The checkpoint's scheduler state gets the new end, and its optimizer
+    state the learning rate of the next step under it; the log says so with the rates."""
+    pairs = zip(checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or [], strict=False)
+    for opt_state, scheduler in pairs:
+        lambdas = scheduler.get("lr_lambdas") or []
+        if not lambdas or not all(isinstance(lam, dict) and "total" in lam for lam in lambdas):
+            continue  # not elise's WarmupCosine
+        old_total = int(lambdas[0]["total"])
+        if old_total == max_steps:
+            continue
+        at = int(scheduler["last_epoch"])  # the next optimizer step's index
+        was = [float(group["lr"]) for group in opt_state["param_groups"]]
+        for lam in lambdas:
+            lam["total"] = max_steps
+        lrs = [
+            float(b) * WarmupCosine(**lam)(at) for b, lam in zip(scheduler["base_lrs"], lambdas, strict=True)
+        ]
+        for group, lr in zip(opt_state["param_groups"], lrs, strict=True):
+            group["lr"] = lr
+        scheduler["_last_lr"] = lrs
+        log.info(
+            "resuming at step %d with trainer.max_steps=%d: the learning-rate schedule now ends at step %d "
+            "(the checkpoint's ended at %d); lr %.3g -> %.3g for the next step",
+            at, max_steps, max_steps, old_total, was[0], lrs[0],
+        )  # fmt: skip

@@ -355,11 +355,9 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
     ckpt_path, start_step = (resumed[0], int(resumed[1].get("global_step", 0))) if resumed else (None, 0)
     checkpoint_io = AtomicCheckpointIO()  # tmp file + fsync + rename
     if resumed:
-        schedule_follows_max_steps(resumed[1], int(cfg.trainer.max_steps))
+        # the checkpoint I/O drops it once Lightning has loaded it (a rotated last.ckpt frees its space)
         checkpoint_io.hold(*resumed)
-        del (
-            resumed
-        )  # the checkpoint I/O drops it once Lightning has loaded it (a rotated last.ckpt frees its space)
+        del resumed
     all_callbacks = build_callbacks(cfg, run_dir) + list(callbacks or [])
     voice_eval = None
     if cfg.get("voice_eval") and cfg.get("init_from"):
@@ -446,38 +444,6 @@ def summary(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path, metrics: dict[s
             f"synthesize: python synthesize.py ckpt={shlex.quote(ckpt)} text='Hello there.'",
         ]
     return "\n".join(lines)
-
-
-def schedule_follows_max_steps(checkpoint: dict[str, Any], max_steps: int) -> None:
-    """Resuming with another ``trainer.max_steps``: the cosine schedule ends at the new ``max_steps``.
-
-    The checkpoint's scheduler state (which Lightning restores) gets the new end, and its optimizer
-    state the learning rate of the next step under it; the log says so with the rates."""
-    from elise.optim import WarmupCosine
-
-    pairs = zip(checkpoint.get("optimizer_states") or [], checkpoint.get("lr_schedulers") or [], strict=False)
-    for opt_state, scheduler in pairs:
-        lambdas = scheduler.get("lr_lambdas") or []
-        if not lambdas or not all(isinstance(lam, dict) and "total" in lam for lam in lambdas):
-            continue  # not elise's WarmupCosine
-        old_total = int(lambdas[0]["total"])
-        if old_total == max_steps:
-            continue
-        at = int(scheduler["last_epoch"])  # the next optimizer step's index
-        was = [float(group["lr"]) for group in opt_state["param_groups"]]
-        for lam in lambdas:
-            lam["total"] = max_steps
-        lrs = [
-            float(b) * WarmupCosine(**lam)(at) for b, lam in zip(scheduler["base_lrs"], lambdas, strict=True)
-        ]
-        for group, lr in zip(opt_state["param_groups"], lrs, strict=True):
-            group["lr"] = lr
-        scheduler["_last_lr"] = lrs
-        log.info(
-            "resuming at step %d with trainer.max_steps=%d: the learning-rate schedule now ends at step %d "
-            "(the checkpoint's ended at %d); lr %.3g -> %.3g for the next step",
-            at, max_steps, max_steps, old_total, was[0], lrs[0],
-        )  # fmt: skip
 
 
 @contextmanager

@@ -165,7 +165,7 @@ def test_resume_reads_the_checkpoint_once_and_a_longer_max_steps_stretches_the_s
         def on_train_batch_start(self, trainer, *args) -> None:
             lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
-    caplog.set_level(logging.INFO, logger="elise.train")
+    caplog.set_level(logging.INFO, logger="elise.optim")
     more = 10
     cfg = compose(
         "train",
