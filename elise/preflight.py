@@ -85,12 +85,19 @@ def check_devices(trainer: DictConfig) -> None:
         raise UserError(
             f"trainer.accelerator={accelerator} but no GPU is visible to torch: use trainer=cpu (or trainer.accelerator=cpu)"
         )
-    devices = trainer.get("devices", 1)
+    devices = cpu_processes_per_node(trainer)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if on_cpu(trainer) and isinstance(devices, int) and devices > cpus:
+    if on_cpu(trainer) and devices > cpus:
         raise UserError(
             f"trainer.devices={devices} would start {devices} training processes on {cpus} CPUs: use trainer.devices<={cpus}"
         )
+
+
+def cpu_processes_per_node(trainer: DictConfig) -> int:
+    """The training processes ``trainer.devices`` starts per node on a CPU (an int or a digit string;
+    ``auto``: 1)."""
+    devices = trainer.get("devices", 1)
+    return int(devices) if str(devices).isdigit() else 1
 
 
 def on_cpu(trainer: DictConfig) -> bool:

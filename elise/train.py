@@ -25,7 +25,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from elise.callbacks import SaveOnSigterm
@@ -34,7 +34,7 @@ from elise.config import trainer_precision
 from elise.errors import EXIT_USER_ERROR, exit_with
 from elise.module import EliseModule
 from elise.precision import choose_precision
-from elise.preflight import UserError, on_cpu, preflight
+from elise.preflight import UserError, cpu_processes_per_node, on_cpu, preflight
 from elise.progress import StepProgressBar
 
 log = logging.getLogger("elise.train")
@@ -327,16 +327,11 @@ def _train(cfg: DictConfig, callbacks: list[pl.Callback] | None) -> dict[str, fl
             "init_from=%s: %s weights, with their architecture and tokenizer", cfg.init_from, loaded.source
         )
     if cfg.trainer.precision == "auto":
-        devices = cfg.trainer.get("devices", 1)
-        per_node = (
-            len(devices)
-            if isinstance(devices, list | ListConfig)
-            else int(devices)
-            if str(devices).isdigit()
-            else 1
+        cpu = on_cpu(cfg.trainer)
+        processes = (
+            cpu_processes_per_node(cfg.trainer) * int(cfg.trainer.get("num_nodes", 1) or 1) if cpu else 1
         )
-        processes = per_node * int(cfg.trainer.get("num_nodes", 1) or 1)
-        choice = choose_precision(model_cfg, cpu=on_cpu(cfg.trainer), processes=processes)
+        choice = choose_precision(model_cfg, cpu=cpu, processes=processes)
         log.info("trainer.precision=auto -> %s: %s", choice.precision, choice.reason)
         with open_dict(cfg):
             cfg.trainer.precision = choice.precision
