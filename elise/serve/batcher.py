@@ -361,11 +361,12 @@ class Batcher:
             for sampling, idx, gens in groups:
                 codes[idx] = self.gen.decode_frame(h[idx], allow[idx], sampling, gens)
         self.frame[:n] += 1
-        eos = (codes == EOS_CODE).all(-1)  # [n]
-        ended = (eos | (self.frame[:n] >= self.limit[:n])).nonzero().flatten().tolist()
-        cpu, eos_cpu = codes.cpu(), eos.cpu()
+        cpu = codes.cpu()  # one transfer of the frame; the flags below are read from it as lists
+        eos = (cpu == EOS_CODE).all(-1).tolist()  # [n]
+        hit = (self.frame[:n] >= self.limit[:n]).tolist()
+        ended = [i for i in range(n) if eos[i] or hit[i]]
         for i, job in enumerate(self.rows):
-            if not bool(eos_cpu[i]):
+            if not eos[i]:
                 job.codes.append(cpu[i])
                 job.pending.append(cpu[i])
         self.steps += 1
@@ -374,7 +375,7 @@ class Batcher:
         self.gen.advance_rows(codes)  # every row (an ended row's step is wasted, but the rows stay in order)
         for i in reversed(ended):
             job = self.rows[i]
-            done = bool(eos_cpu[i])
+            done = eos[i]
             if not done:
                 log.warning("a piece reached its frame limit (%d frames) without end-of-speech; cut there",
                             int(self.limit[i]))  # fmt: skip
