@@ -119,6 +119,13 @@ def bench_prepare_throughput(
     from elise.text import ByteTokenizer
 
     out: dict[str, Any] = {"clips": clips}
+
+    def timed(key: str, cfg: dict, codec: Any, workers: int) -> None:
+        start = time.perf_counter()
+        prepare(cfg, codec, ByteTokenizer(), progress=False, num_workers=workers)
+        secs = time.perf_counter() - start
+        out[key] = {"s": secs, "clips_per_s": clips / secs}
+
     with tempfile.TemporaryDirectory(prefix="elise_bench_") as tmp:
         folder = throughput_folder(Path(tmp) / "lj", clips)
         for name in codecs:
@@ -130,29 +137,13 @@ def bench_prepare_throughput(
                     "cache_dir": f"{tmp}/{name}-{w}",
                     "store": "shards",
                 }
-                start = time.perf_counter()
-                prepare(cfg, codec, ByteTokenizer(), progress=False, num_workers=w)
-                secs = time.perf_counter() - start
-                out[f"{name}/{w}"] = {"s": secs, "clips_per_s": clips / secs}
+                timed(f"{name}/{w}", cfg, codec, w)
         if stream:
             table = parquet_of(folder, Path(tmp) / "clips.parquet")
+            codec = build_codec("tiny")  # built once, outside the timing, as above
             for w in workers:
-                spec = {
-                    "source": "elise",
-                    "path": str(table),
-                    "streaming": True,
-                    "store": "shards",
-                }
-                start = time.perf_counter()
-                prepare(
-                    spec | {"cache_dir": f"{tmp}/stream-{w}"},
-                    build_codec("tiny"),
-                    ByteTokenizer(),
-                    progress=False,
-                    num_workers=w,
-                )
-                secs = time.perf_counter() - start
-                out[f"tiny/{w}/stream"] = {"s": secs, "clips_per_s": clips / secs}
+                spec = {"source": "elise", "path": str(table), "streaming": True, "store": "shards"}
+                timed(f"tiny/{w}/stream", spec | {"cache_dir": f"{tmp}/stream-{w}"}, codec, w)
     return out
 
 
