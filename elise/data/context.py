@@ -16,6 +16,7 @@ loads.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,7 +176,12 @@ class ContextPlanner:
 
     def rows(self, plan: Sequence[tuple[int, ...]]) -> np.ndarray:
         """[N] rows of each example with its context."""
-        extra = np.asarray([int(self.lengths[list(c)].sum()) if c else 0 for c in plan], dtype=np.int64)
+        sizes = np.fromiter(map(len, plan), np.int64, len(plan))  # [N] context clips per example
+        flat = np.fromiter(itertools.chain.from_iterable(plan), np.int64, int(sizes.sum()))  # [sum]
+        extra = np.zeros(len(plan), dtype=np.int64)
+        np.add.at(
+            extra, np.repeat(np.arange(len(plan)), sizes), self.lengths[flat]
+        )  # one pass, no per-item numpy
         return self.lengths + extra
 
 
